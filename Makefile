@@ -1,0 +1,25 @@
+# The two commands a newcomer needs: `make demo` runs the appliance, `make test` runs the tests.
+# Both install what they need on first use (two venvs under .venv/, see scripts/install.sh).
+VENV := .venv
+STAMP := $(VENV)/.installed
+APPLIANCE := $(VENV)/app/bin/appliance
+
+.PHONY: demo test install browser bench clean
+
+$(STAMP): pyproject.toml requirements/app.lock requirements/studio.lock requirements/studio.txt scripts/install.sh
+	scripts/install.sh $(abspath $(VENV)) --editable
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(APPLIANCE) demo
+
+test: $(STAMP)
+	OMP_WAIT_POLICY=PASSIVE $(VENV)/app/bin/python -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(VENV)/app/bin/python benchmarks/cold_start.py
+
+clean:
+	rm -rf $(VENV)

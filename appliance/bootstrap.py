@@ -1,0 +1,154 @@
+"""One-shot bootstrap: converge Label Studio to what the settings describe, through its API only.
+
+Runs after every start (supervisord's ``bootstrap`` program). Each step compares before it writes, so N restarts
+create nothing twice: the project (found by the id remembered in ``<data>/state.json``, else by title), its
+template and settings, a Local Files storage over the images folder (synced, which imports only new files), and
+both ML connections.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from label_studio_sdk.client import LabelStudio
+
+from appliance import studio_api, template
+from appliance.settings import Settings
+
+log = logging.getLogger("bootstrap")
+
+IMAGE_REGEX = r".*\.(jpe?g|png|bmp|gif|tiff?|webp)$"
+
+
+@dataclass
+class Backend:
+    title: str
+    url: str
+    interactive: bool
+
+
+def backends(settings: Settings) -> list[Backend]:
+    return [
+        Backend("SAM (interactive)", settings.sam_base_url, True),
+        Backend("Pre-annotation (MMDetection)", settings.predict_base_url, False),
+    ]
+
+
+def read_state(settings: Settings) -> dict[str, Any]:
+    path = settings.data / "state.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def write_state(settings: Settings, state: dict[str, Any]) -> None:
+    path = settings.data / "state.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=2))
+    tmp.replace(path)
+
+
+def find_project(ls: LabelStudio, settings: Settings, state: dict[str, Any]):
+    if state.get("project_id"):
+        for project in ls.projects.list(ids=str(state["project_id"])):
+            if project.id == state["project_id"]:
+                return project
+    for project in ls.projects.list(title=settings.project_title):
+        if project.title == settings.project_title:
+            return project
+    return None
+
+
+def converge_project(ls: LabelStudio, settings: Settings, state: dict[str, Any]) -> int:
+    wanted = {
+        "title": settings.project_title,
+        "description": settings.project_description,
+        "label_config": template.label_config(settings),
+        "evaluate_predictions_automatically": True,  # "retrieve predictions when loading a task"
+        "show_collab_predictions": True,
+        "model_version": None,
+    }
+    project = find_project(ls, settings, state)
+    if project is None:
+        wanted.pop("model_version")
+        project = ls.projects.create(**wanted)
+        log.info("created project %d %r", project.id, project.title)
+        return project.id
+    current = ls.projects.get(project.id)
+    changes = {k: v for k, v in wanted.items() if k != "model_version" and getattr(current, k, None) != v}
+    if changes:
+        ls.projects.update(project.id, **changes)
+        log.info("updated project %d: %s", project.id, ", ".join(sorted(changes)))
+    else:
+        log.info("project %d %r is up to date", project.id, current.title)
+    return project.id
+
+
+def converge_local_storage(ls: LabelStudio, settings: Settings, project_id: int) -> int:
+    path = str(settings.images)
+    storage = next((s for s in ls.import_storage.local.list(project=project_id) if s.path == path), None)
+    if storage is None:
+        storage = ls.import_storage.local.create(project=project_id, path=path, regex_filter=IMAGE_REGEX,
+                                                 use_blob_urls=True, recursive_scan=True, title="Images folder")
+        log.info("created Local Files storage %d over %s", storage.id, path)
+    before = ls.projects.get(project_id).task_number or 0
+    ls.import_storage.local.sync(storage.id)
+    after = wait_sync(ls, project_id, before)
+    log.info("images folder synced: %d new task(s), %d in all", after - before, after)
+    return storage.id
+
+
+def wait_sync(ls: LabelStudio, project_id: int, before: int, seconds: float = 30) -> int:
+    """Sync may run in the background; wait until the task count settles."""
+    deadline, count, stable = time.monotonic() + seconds, before, 0
+    while time.monotonic() < deadline and stable < 3:
+        time.sleep(0.3)
+        new = ls.projects.get(project_id).task_number or 0
+        stable = stable + 1 if new == count else 0
+        count = new
+    return count
+
+
+def converge_backend(ls: LabelStudio, settings: Settings, project_id: int, backend: Backend) -> int:
+    deadline = time.monotonic() + settings.ready_timeout
+    studio_api.wait_http(f"{backend.url}/health", deadline, backend.title, auth=settings.backend_credentials)
+    user, password = settings.backend_credentials
+    wanted = {"title": backend.title, "is_interactive": backend.interactive, "auth_method": "BASIC_AUTH",
+              "basic_auth_user": user, "basic_auth_pass": password, "auto_update": True}
+    existing = next((m for m in ls.ml.list(project=project_id) if m.url.rstrip("/") == backend.url), None)
+    if existing is None:
+        created = ls.ml.create(project=project_id, url=backend.url, **wanted)
+        log.info("connected %s at %s (ML backend %d)", backend.title, backend.url, created.id)
+        return created.id
+    # The password is write-only in the API: compare what can be read, and re-send it only on a change.
+    readable = {k: v for k, v in wanted.items() if k != "basic_auth_pass"}
+    if any(getattr(existing, k, None) != v for k, v in readable.items()) or existing.state != "CO":
+        ls.ml.update(existing.id, url=backend.url, **wanted)
+        log.info("updated %s (ML backend %d)", backend.title, existing.id)
+    else:
+        log.info("%s already connected (ML backend %d)", backend.title, existing.id)
+    return existing.id
+
+
+def run(settings: Settings) -> dict[str, Any]:
+    started = time.monotonic()
+    studio_api.wait_http(f"{settings.studio_base_url}/health", started + settings.ready_timeout, "Label Studio")
+    ls = studio_api.client(settings)
+    state = read_state(settings)
+    state["project_id"] = converge_project(ls, settings, state)
+    write_state(settings, state)
+    state["local_storage_id"] = converge_local_storage(ls, settings, state["project_id"])
+    wanted = {"sam": "sam", "predict": "predict"}
+    state["ml_backends"] = {
+        role: converge_backend(ls, settings, state["project_id"], backend)
+        for role, backend in zip(wanted, backends(settings))
+    }
+    state["bootstrapped_at"] = time.time()
+    write_state(settings, state)
+    log.info("bootstrap done in %.1f s: project %d ready", time.monotonic() - started, state["project_id"])
+    return state

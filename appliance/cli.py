@@ -1,0 +1,99 @@
+"""The `appliance` command."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+
+def _up(args) -> None:
+    from appliance import entrypoint
+
+    entrypoint.up()
+
+
+def _run(args) -> None:
+    from appliance import programs, runtime, secrets, supervise
+
+    settings = runtime.load()
+    argv, env = programs.command(args.name, settings)
+    raise SystemExit(supervise.run_prefixed(args.name, argv, env, secrets.secret_values(settings)))
+
+
+def _bootstrap(args) -> None:
+    from appliance import bootstrap, runtime
+    from appliance.template import TemplateError
+
+    settings = runtime.load()
+    runtime.setup_logging(settings)
+    try:
+        bootstrap.run(settings)
+    except (TemplateError, TimeoutError) as error:
+        print(f"bootstrap failed: {error}", flush=True)
+        raise SystemExit(1) from None
+
+
+def _trainer(args) -> None:
+    from appliance import runtime
+    from appliance.trainer import service
+
+    settings = runtime.load()
+    runtime.setup_logging(settings)
+    service.serve(settings)
+
+
+def _status(args) -> None:
+    from appliance import runtime, status
+
+    status.main(runtime.load(), as_json=args.json)
+
+
+def _credentials(args) -> None:
+    from appliance import runtime
+
+    settings = runtime.load()
+    print(f"url:      http://localhost:{settings.port}\nlogin:    {settings.username}\n"
+          f"password: {settings.secret('password')}\napi key:  {settings.secret('api_key')}")
+
+
+def _build_template(args) -> None:
+    from appliance import studio
+
+    studio.build_template(Path(args.output), dict(os.environ))
+    print(f"migrated Label Studio database template written to {args.output}")
+
+
+def _config(args) -> None:
+    from appliance.settings import Settings, env_name, is_secret
+
+    print("| Variable | Default | Meaning |\n| --- | --- | --- |")
+    for name, field in Settings.model_fields.items():
+        default = "generated" if is_secret(name) else ("" if field.default is None else field.default)
+        print(f"| `{env_name(name)}` | `{default}` | {field.description} |")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="appliance", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("up", help="start everything under supervisord (the container entrypoint)").set_defaults(func=_up)
+    sub.add_parser("demo", help="the offline demo: `up` on the embedded defaults").set_defaults(func=_up)
+    run = sub.add_parser("run", help="run one supervised program (used by supervisord)")
+    run.add_argument("name", choices=["studio", "sam", "predict", "train", "bootstrap"])
+    run.set_defaults(func=_run)
+    sub.add_parser("bootstrap", help="converge project, storage and ML connections").set_defaults(func=_bootstrap)
+    sub.add_parser("trainer", help="the trainer process").set_defaults(func=_trainer)
+    st = sub.add_parser("status", help="processes, project, ML connections, serving model")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=_status)
+    sub.add_parser("credentials", help="print the admin login, password and API key").set_defaults(func=_credentials)
+    bt = sub.add_parser("build-template", help="migrate an empty Label Studio database (install time)")
+    bt.add_argument("--output", required=True)
+    bt.set_defaults(func=_build_template)
+    sub.add_parser("config", help="print the environment variables as a Markdown table").set_defaults(func=_config)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    args.func(args)

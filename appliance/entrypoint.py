@@ -1,0 +1,114 @@
+"""`appliance up`: the container's ENTRYPOINT and the native start command.
+
+First boot and every boot alike: validate the settings (one line and exit 2 when wrong), prepare the data
+volume, generate missing secrets once, prepare Label Studio's database, copy sample photos into an empty
+images folder, then replace this process with supervisord in the foreground. supervisord turns SIGTERM into
+an orderly stop of every program.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import sys
+from pathlib import Path
+
+from appliance import samples, studio
+from appliance.programs import process_env
+from appliance.secrets import ensure_secrets
+from appliance.settings import ConfigError, Settings, load_settings
+
+SUPERVISORD_CONF = Path(__file__).parent / "supervisord.conf"
+
+
+def say(message: str) -> None:
+    print(f"appliance| {message}", flush=True)
+
+
+def prepare_dirs(settings: Settings) -> None:
+    for folder in (settings.data, settings.studio_dir, settings.run_dir, settings.models_dir,
+                   settings.journal_dir, settings.cache_dir, settings.images):
+        folder.mkdir(parents=True, exist_ok=True)
+    os.chmod(settings.run_dir, 0o700)
+
+
+def check_port(host: str, port: int, variable: str) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as error:
+            if error.errno in (errno.EADDRINUSE, errno.EACCES):
+                raise ConfigError(f"configuration error: {variable}: port {port} on {host} is already in use "
+                                  f"(or not allowed). Stop what uses it or choose another port.") from None
+            raise ConfigError(f"configuration error: {variable}: cannot bind {host}:{port} ({error.strerror}). "
+                              f"Use an address of this machine.") from None
+
+
+def check_ports(settings: Settings) -> None:
+    roles = settings.role_list
+    if "studio" in roles:
+        check_port(settings.host, settings.port, "APPLIANCE_PORT")
+    if "sam" in roles:
+        check_port(settings.backend_host, settings.sam_port, "APPLIANCE_SAM_PORT")
+    if "predict" in roles:
+        check_port(settings.backend_host, settings.predict_port, "APPLIANCE_PREDICT_PORT")
+
+
+def announce_credentials(settings: Settings, generated: list[str]) -> None:
+    """Shown once, on the terminal only: container logs never carry a secret."""
+    if not generated:
+        return
+    say(f"first boot: generated {', '.join(generated)} into {settings.secrets_file} (mode 0600)")
+    say(f"log in at http://localhost:{settings.port} as {settings.username}; "
+        f"`appliance credentials` prints the password")
+    try:
+        with open("/dev/tty", "w") as tty:
+            if "LABEL_STUDIO_PASSWORD" in generated:
+                tty.write(f"\n  Admin login: {settings.username}\n  Password:    {settings.secret('password')}\n"
+                          f"  (shown once; kept in {settings.secrets_file})\n\n")
+    except OSError:
+        pass  # no terminal (docker without -t, CI): the file is the only place
+
+
+def supervisor_env(settings: Settings) -> dict[str, str]:
+    env = process_env(settings)
+    env["APPLIANCE_RUN_DIR"] = str(settings.run_dir)
+    env["APPLIANCE_PYTHON"] = sys.executable
+    for role in ("studio", "sam", "predict", "train"):
+        env[f"APPLIANCE_START_{role.upper()}"] = "true" if role in settings.role_list else "false"
+    return env
+
+
+def prepare(settings: Settings) -> None:
+    prepare_dirs(settings)
+    generated = ensure_secrets(settings)
+    announce_credentials(settings, generated)
+    check_ports(settings)
+    if "studio" in settings.role_list:
+        result = studio.prepare_database(settings, process_env(settings))
+        say("database: " + ", ".join(f"{k}={v}" for k, v in result.items()))
+        if settings.sample_images:
+            copied = samples.copy_samples(settings.images)
+            if copied:
+                say(f"copied {len(copied)} sample photos into {settings.images}")
+
+
+def up() -> None:
+    try:
+        settings = load_settings()
+        prepare(settings)
+    except ConfigError as error:
+        print(error.line, file=sys.stderr, flush=True)
+        raise SystemExit(error.code) from None
+    except RuntimeError as error:
+        print(f"start-up failed: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+    supervisord = str(Path(sys.executable).parent / "supervisord")
+    say(f"starting {', '.join(settings.role_list)} under supervisord")
+    os.execve(supervisord, [supervisord, "-c", str(SUPERVISORD_CONF)], supervisor_env(settings))
+
+
+if __name__ == "__main__":
+    up()

@@ -1,0 +1,279 @@
+"""The one typed configuration of the appliance, read from environment variables once at start-up.
+
+No other module reads ``os.environ``: processes build a ``Settings`` with ``load_settings()`` and pass it down.
+Every field has a default that serves the offline demo; secrets left unset are generated once and kept in
+``<data dir>/secrets.env`` (see ``appliance.secrets``).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ROLES = ("studio", "sam", "predict", "train")
+
+
+def _env(*names: str) -> AliasChoices:
+    return AliasChoices(*names)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=False, case_sensitive=True)
+
+    # --- where things live -------------------------------------------------------------------
+    data_dir: Path = Field(Path("./data"), validation_alias=_env("APPLIANCE_DATA_DIR"),
+                           description="Data volume: database, images, journal, models, secrets.")
+    roles: str = Field(",".join(ROLES), validation_alias=_env("APPLIANCE_ROLES"),
+                       description="Comma-separated processes this container runs: studio, sam, predict, train.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", validation_alias=_env("APPLIANCE_LOG_LEVEL"), description="Log level of every process.")
+
+    # --- Label Studio --------------------------------------------------------------------------
+    host: str = Field("0.0.0.0", validation_alias=_env("APPLIANCE_HOST"),
+                      description="Address the Label Studio UI binds to.")
+    port: int = Field(8080, ge=1, le=65535, validation_alias=_env("APPLIANCE_PORT"),
+                      description="Port of the Label Studio UI (the only port meant to be published).")
+    studio_url: str = Field("", validation_alias=_env("LABEL_STUDIO_URL"),
+                            description="URL the other processes use to reach Label Studio "
+                                        "(default http://127.0.0.1:APPLIANCE_PORT).")
+    studio_workers: int = Field(2, ge=1, le=32, validation_alias=_env("APPLIANCE_STUDIO_WORKERS"),
+                                description="gunicorn worker processes for Label Studio.")
+    database_url: str = Field("", validation_alias=_env("APPLIANCE_DATABASE_URL"),
+                              description="postgresql://user:password@host:5432/name for PostgreSQL; "
+                                          "empty means SQLite on the data volume.")
+    username: str = Field("admin@appliance.local", validation_alias=_env("LABEL_STUDIO_USERNAME"),
+                          description="Admin e-mail (login name), created on first boot.")
+    password: SecretStr | None = Field(None, validation_alias=_env("LABEL_STUDIO_PASSWORD"),
+                                       description="Admin password; generated on first boot when unset.")
+    api_key: SecretStr | None = Field(None, validation_alias=_env("LABEL_STUDIO_API_KEY", "LABEL_STUDIO_USER_TOKEN"),
+                                      description="Admin API token (at most 40 characters); generated when unset.")
+    secret_key: SecretStr | None = Field(None, validation_alias=_env("APPLIANCE_SECRET_KEY"),
+                                         description="Django SECRET_KEY for Label Studio; generated when unset.")
+    backend_secret: SecretStr | None = Field(None, validation_alias=_env("APPLIANCE_BACKEND_SECRET"),
+                                             description="Shared secret (HTTP basic auth) Label Studio sends to the "
+                                                         "ML backends; generated when unset.")
+
+    # --- project -----------------------------------------------------------------------------
+    project_title: str = Field("Segmentation", min_length=3, max_length=50,
+                               validation_alias=_env("APPLIANCE_PROJECT_TITLE"),
+                               description="Title of the project the bootstrap creates or updates.")
+    project_description: str = Field("Click or box with SAM to segment; pre-annotations come from the trained model.",
+                                     validation_alias=_env("APPLIANCE_PROJECT_DESCRIPTION"),
+                                     description="Project description.")
+    labels: str = Field("Person,Animal,Vehicle,Object", validation_alias=_env("APPLIANCE_LABELS"),
+                        description="Comma-separated labels of the default template.")
+    metadata_fields: str = Field("", validation_alias=_env("APPLIANCE_METADATA_FIELDS"),
+                                 description="Comma-separated task data fields shown as Header lines above the image.")
+    label_config_file: Path | None = Field(None, validation_alias=_env("APPLIANCE_LABEL_CONFIG_FILE"),
+                                           description="Path of a labeling template (XML) replacing the default.")
+    label_config: str = Field("", validation_alias=_env("APPLIANCE_LABEL_CONFIG"),
+                              description="Labeling template as an XML string (wins over the file).")
+    images_dir: Path | None = Field(None, validation_alias=_env("APPLIANCE_IMAGES_DIR"),
+                                    description="Folder of images served through a Local Files storage "
+                                                "(default <data dir>/images).")
+    sample_images: bool = Field(True, validation_alias=_env("APPLIANCE_SAMPLE_IMAGES"),
+                                description="Copy the bundled sample photos into an empty images folder.")
+
+    # --- ML backends -------------------------------------------------------------------------
+    backend_host: str = Field("127.0.0.1", validation_alias=_env("APPLIANCE_BACKEND_HOST"),
+                              description="Address the ML backends bind to (loopback in the single container).")
+    sam_port: int = Field(9090, ge=1, le=65535, validation_alias=_env("APPLIANCE_SAM_PORT"),
+                          description="Port of the interactive SAM backend.")
+    predict_port: int = Field(9091, ge=1, le=65535, validation_alias=_env("APPLIANCE_PREDICT_PORT"),
+                              description="Port of the prediction backend.")
+    sam_url: str = Field("", validation_alias=_env("APPLIANCE_SAM_URL"),
+                         description="URL Label Studio uses for the SAM backend (default from host and port).")
+    predict_url: str = Field("", validation_alias=_env("APPLIANCE_PREDICT_URL"),
+                             description="URL Label Studio uses for the prediction backend.")
+    backend_threads: int = Field(4, ge=1, le=64, validation_alias=_env("APPLIANCE_BACKEND_THREADS"),
+                                 description="Request threads per ML backend (one model per process).")
+    torch_threads: int = Field(1, ge=1, le=256, validation_alias=_env("APPLIANCE_TORCH_THREADS"),
+                               description="CPU threads each model process may use.")
+    ready_timeout: float = Field(300.0, gt=0, validation_alias=_env("APPLIANCE_READY_TIMEOUT"),
+                                 description="Seconds the bootstrap waits for Label Studio and the backends.")
+
+    @field_validator("roles")
+    @classmethod
+    def _known_roles(cls, value: str) -> str:
+        roles = [r.strip() for r in value.split(",") if r.strip()]
+        unknown = sorted(set(roles) - set(ROLES))
+        if unknown or not roles:
+            raise ValueError(f"unknown role(s) {unknown or value!r}; use a comma list of {', '.join(ROLES)}")
+        return ",".join(roles)
+
+    @field_validator("labels")
+    @classmethod
+    def _some_labels(cls, value: str) -> str:
+        labels = [x.strip() for x in value.split(",") if x.strip()]
+        if not labels:
+            raise ValueError("needs at least one label, e.g. APPLIANCE_LABELS=Person,Car")
+        if len(set(labels)) != len(labels):
+            raise ValueError("labels must be unique")
+        return ",".join(labels)
+
+    @field_validator("api_key")
+    @classmethod
+    def _token_length(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not (6 <= len(value.get_secret_value()) <= 40):
+            raise ValueError("must be 6 to 40 characters (Label Studio's limit for a legacy token)")
+        return value
+
+    @field_validator("password", "backend_secret")
+    @classmethod
+    def _password_length(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 8:
+            raise ValueError("must be at least 8 characters")
+        return value
+
+    @field_validator("username")
+    @classmethod
+    def _email(cls, value: str) -> str:
+        if "@" not in value or value.startswith("@") or value.endswith("@"):
+            raise ValueError("must be an e-mail address, e.g. admin@example.com")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database(cls, value: str) -> str:
+        if value:
+            parts = urlsplit(value)
+            if parts.scheme not in ("postgresql", "postgres") or not parts.hostname or not parts.path.strip("/"):
+                raise ValueError("must look like postgresql://user:password@host:5432/dbname (or be empty for SQLite)")
+        return value
+
+    @field_validator("studio_url", "sam_url", "predict_url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if value and (urlsplit(value).scheme not in ("http", "https") or not urlsplit(value).hostname):
+            raise ValueError("must be an http(s) URL such as http://127.0.0.1:8080")
+        return value.rstrip("/")
+
+    # --- derived values ----------------------------------------------------------------------
+    @property
+    def role_list(self) -> list[str]:
+        return self.roles.split(",")
+
+    @property
+    def label_list(self) -> list[str]:
+        return self.labels.split(",")
+
+    @property
+    def metadata_list(self) -> list[str]:
+        return [x.strip() for x in self.metadata_fields.split(",") if x.strip()]
+
+    @property
+    def data(self) -> Path:
+        return self.data_dir.absolute()
+
+    @property
+    def studio_dir(self) -> Path:
+        return self.data / "label-studio"
+
+    @property
+    def images(self) -> Path:
+        return (self.images_dir or self.data / "images").absolute()
+
+    @property
+    def run_dir(self) -> Path:
+        return self.data / "run"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.data / "logs"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data / "models"
+
+    @property
+    def journal_dir(self) -> Path:
+        return self.data / "journal"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.data / "cache"
+
+    @property
+    def secrets_file(self) -> Path:
+        return self.data / "secrets.env"
+
+    @property
+    def studio_base_url(self) -> str:
+        return self.studio_url or f"http://127.0.0.1:{self.port}"
+
+    @property
+    def sam_base_url(self) -> str:
+        return self.sam_url or f"http://127.0.0.1:{self.sam_port}"
+
+    @property
+    def predict_base_url(self) -> str:
+        return self.predict_url or f"http://127.0.0.1:{self.predict_port}"
+
+    @property
+    def backend_credentials(self) -> tuple[str, str]:
+        return ("labelstudio", self.secret("backend_secret"))
+
+    def secret(self, name: str) -> str:
+        value = getattr(self, name)
+        if value is None:
+            raise RuntimeError(f"secret {name} is not loaded; call appliance.secrets.ensure_secrets first")
+        return value.get_secret_value()
+
+
+class ConfigError(SystemExit):
+    """A bad setting: one readable line, non-zero exit."""
+
+    def __init__(self, line: str):
+        super().__init__(2)
+        self.line = line
+
+
+def env_name(field: str) -> str:
+    alias = Settings.model_fields[field].validation_alias
+    return alias.choices[0] if isinstance(alias, AliasChoices) else field
+
+
+def _field_of(loc: str) -> str | None:
+    """Errors name the alias that was read (an env var name) or the field name."""
+    for name, field in Settings.model_fields.items():
+        alias = field.validation_alias
+        if loc == name or (isinstance(alias, AliasChoices) and loc in alias.choices):
+            return name
+    return None
+
+
+def is_secret(field: str) -> bool:
+    return "SecretStr" in str(Settings.model_fields[field].annotation)
+
+
+def explain(error: ValidationError) -> str:
+    """One line naming the variable, what is wrong with it and how to fix it (a secret's value is never shown)."""
+    first = error.errors()[0]
+    loc = str((first.get("loc") or ("?",))[0])
+    field = _field_of(loc)
+    name = loc if field is None or loc != field else env_name(field)
+    message = first.get("msg", "invalid value").removeprefix("Value error, ")
+    shown = "" if field is None or is_secret(field) else f" (got {first.get('input')!r})"
+    more = len(error.errors()) - 1
+    tail = f"; {more} more problem(s) after this one" if more else ""
+    return f"configuration error: {name}{shown}: {message}. Fix it or unset it to use the default{tail}."
+
+
+def load_settings(environ: dict[str, str] | None = None) -> Settings:
+    """Build and validate the settings; raise ConfigError with one readable line when a value is wrong."""
+    try:
+        if environ is None:
+            return Settings()
+        return Settings.model_validate({k: v for k, v in environ.items()})
+    except ValidationError as error:
+        raise ConfigError(explain(error)) from None
+
+
+def fail(error: ConfigError) -> None:
+    print(error.line, file=sys.stderr)
+    raise SystemExit(error.code)

@@ -1,0 +1,81 @@
+"""`appliance status`: processes, project, ML connections and the serving model, as text or JSON."""
+
+from __future__ import annotations
+
+import json
+import xmlrpc.client
+from typing import Any
+
+import requests
+from supervisor.xmlrpc import SupervisorTransport
+
+from appliance import bootstrap, studio_api
+from appliance.settings import Settings
+
+
+def processes(settings: Settings) -> list[dict[str, Any]] | str:
+    sock = settings.run_dir / "supervisor.sock"
+    if not sock.exists():
+        return "supervisord is not running (no socket at %s)" % sock
+    transport = SupervisorTransport(None, None, serverurl=f"unix://{sock}")
+    proxy = xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
+    try:
+        infos = proxy.supervisor.getAllProcessInfo()
+    except (OSError, xmlrpc.client.Error) as error:
+        return f"supervisord does not answer: {error}"
+    return [{"name": p["name"], "state": p["statename"], "pid": p["pid"], "uptime": p["description"]} for p in infos]
+
+
+def project(settings: Settings) -> dict[str, Any] | str:
+    state = bootstrap.read_state(settings)
+    if not state.get("project_id"):
+        return "not bootstrapped yet"
+    try:
+        ls = studio_api.client(settings, timeout=5)
+        p = ls.projects.get(state["project_id"])
+        ml = [{"id": m.id, "title": m.title, "url": m.url, "state": m.state, "model_version": m.model_version}
+              for m in ls.ml.list(project=p.id)]
+    except Exception as error:  # status must report, not crash
+        return f"Label Studio does not answer: {type(error).__name__}"
+    return {"id": p.id, "title": p.title, "tasks": p.task_number,
+            "annotated_tasks": p.num_tasks_with_annotations, "ml_backends": ml}
+
+
+def serving_model(settings: Settings) -> dict[str, Any] | str:
+    try:
+        health = requests.get(f"{settings.predict_base_url}/health", timeout=2,
+                              auth=settings.backend_credentials).json()
+    except (requests.RequestException, ValueError) as error:
+        return f"prediction backend does not answer: {type(error).__name__}"
+    return {"model_version": health.get("model_version"), "ready": health.get("ready"),
+            "message": health.get("message")}
+
+
+def collect(settings: Settings) -> dict[str, Any]:
+    return {"processes": processes(settings), "project": project(settings), "serving_model": serving_model(settings)}
+
+
+def render(report: dict[str, Any]) -> str:
+    lines = ["Processes:"]
+    procs = report["processes"]
+    lines += [f"  {procs}"] if isinstance(procs, str) else [f"  {p['name']:<10} {p['state']:<9} {p['uptime']}"
+                                                             for p in procs]
+    proj = report["project"]
+    lines.append("Project:")
+    if isinstance(proj, str):
+        lines.append(f"  {proj}")
+    else:
+        lines.append(f"  #{proj['id']} {proj['title']!r}: {proj['tasks']} tasks, {proj['annotated_tasks']} annotated")
+        lines.append("ML connections:")
+        lines += [f"  {m['title']:<30} {m['state']:<4} {m['url']}  version={m['model_version']}"
+                  for m in proj["ml_backends"]]
+    model = report["serving_model"]
+    lines.append("Serving model:")
+    lines.append(f"  {model}" if isinstance(model, str) else
+                 f"  {model['model_version']}" + (f" ({model['message']})" if model.get("message") else ""))
+    return "\n".join(lines)
+
+
+def main(settings: Settings, as_json: bool) -> None:
+    report = collect(settings)
+    print(json.dumps(report, indent=2) if as_json else render(report))

@@ -1,0 +1,144 @@
+"""Everything about running Label Studio: its environment, its database, its gunicorn command line.
+
+Label Studio lives in its own virtual environment (``<prefix>/studio`` beside the appliance's ``<prefix>/app``),
+so this module talks to it through subprocesses only.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+from appliance.settings import Settings
+
+SCRIPTS = Path(__file__).parent / "studio_scripts"
+
+# Label Studio's default SSRF block list minus loopback: the backends listen on 127.0.0.1 inside the container,
+# while webhooks and imports keep refusing every other private or reserved range.
+BANNED_SUBNETS = [
+    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "169.254.0.0/16", "172.16.0.0/12", "192.0.0.0/24",
+    "192.0.2.0/24", "192.88.99.0/24", "192.168.0.0/16", "198.18.0.0/15", "198.51.100.0/24", "203.0.113.0/24",
+    "224.0.0.0/4", "233.252.0.0/24", "240.0.0.0/4", "255.255.255.255/32", "::/128", "::ffff:0:0/96",
+    "64:ff9b::/96", "64:ff9b:1::/48", "100::/64", "2001:0000::/32", "2001:20::/28", "2001:db8::/32", "2002::/16",
+    "fc00::/7", "fe80::/10", "ff00::/8",
+]
+
+
+def install_prefix() -> Path:
+    """The folder holding both venvs: the appliance runs from ``<prefix>/app``."""
+    return Path(sys.prefix).parent
+
+
+def studio_venv() -> Path:
+    return install_prefix() / "studio"
+
+
+def template_db() -> Path:
+    return install_prefix() / "studio-template.sqlite3"
+
+
+def studio_package_dir() -> Path:
+    found = sorted(studio_venv().glob("lib/python3*/site-packages/label_studio"))
+    if not found:
+        raise FileNotFoundError(f"Label Studio is not installed in {studio_venv()}; run scripts/install.sh")
+    return found[0]
+
+
+def database_env(settings: Settings) -> dict[str, str]:
+    if not settings.database_url:
+        return {"DJANGO_DB": "sqlite", "DATABASE_NAME": str(settings.studio_dir / "label_studio.sqlite3")}
+    url = urlsplit(settings.database_url)
+    return {
+        "DJANGO_DB": "default",
+        "POSTGRE_NAME": url.path.lstrip("/"),
+        "POSTGRE_USER": unquote(url.username or "postgres"),
+        "POSTGRE_PASSWORD": unquote(url.password or ""),
+        "POSTGRE_HOST": url.hostname or "localhost",
+        "POSTGRE_PORT": str(url.port or 5432),
+    }
+
+
+def studio_env(settings: Settings) -> dict[str, str]:
+    """Label Studio's configuration, derived from the appliance settings (one vocabulary for the user)."""
+    return {
+        "DJANGO_SETTINGS_MODULE": "core.settings.label_studio",
+        "LABEL_STUDIO_BASE_DATA_DIR": str(settings.studio_dir),
+        "SECRET_KEY": settings.secret("secret_key"),
+        "LOG_LEVEL": settings.log_level,
+        "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
+        "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true",
+        "LABEL_STUDIO_ML_BLOCK_LOCAL_IP": "false",
+        "LABEL_STUDIO_USE_DEFAULT_BANNED_SUBNETS": "false",
+        "LABEL_STUDIO_USER_ADDITIONAL_BANNED_SUBNETS": ",".join(BANNED_SUBNETS),
+        "LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED": "true",
+        "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(settings.images.parent),
+        "LABEL_STUDIO_SENTRY_DSN": "",
+        "LABEL_STUDIO_FRONTEND_SENTRY_DSN": "",
+        "LABEL_STUDIO_LATEST_VERSION_CHECK": "false",
+        "LABEL_STUDIO_COLLECT_ANALYTICS": "false",
+        "LABEL_STUDIO_INTERNAL_PORT": str(settings.port),
+        **database_env(settings),
+    }
+
+
+def gunicorn_command(settings: Settings) -> list[str]:
+    """gunicorn binds the one port or fails loudly: no silent hop to 8081 as ``label-studio start`` does."""
+    return [
+        str(studio_venv() / "bin" / "gunicorn"),
+        "--chdir", str(studio_package_dir()),
+        "--bind", f"{settings.host}:{settings.port}",
+        "--workers", str(settings.studio_workers),
+        "--threads", "4",
+        "--timeout", "300",
+        "--graceful-timeout", "20",
+        "--forwarded-allow-ips", "127.0.0.1",
+        "core.wsgi:application",
+    ]
+
+
+def run_prepare(env: dict[str, str], admin: dict | None) -> dict:
+    """Migrate if needed, switch SQLite to WAL, converge the admin user and token. Returns what changed."""
+    proc = subprocess.run(
+        [str(studio_venv() / "bin" / "python"), str(SCRIPTS / "prepare_db.py")],
+        input=json.dumps({"admin": admin}), env=env, capture_output=True, text=True,
+    )
+    if proc.returncode != 0:
+        tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
+        raise RuntimeError(f"Label Studio database preparation failed: {tail[0]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def prepare_database(settings: Settings, base_env: dict[str, str]) -> dict:
+    """First boot on SQLite copies the template migrated at install time (seconds instead of a minute)."""
+    settings.studio_dir.mkdir(parents=True, exist_ok=True)
+    db = settings.studio_dir / "label_studio.sqlite3"
+    copied = False
+    if not settings.database_url and not db.exists() and template_db().exists():
+        shutil.copyfile(template_db(), db)
+        copied = True
+    admin = {"email": settings.username, "password": settings.secret("password"), "token": settings.secret("api_key")}
+    result = run_prepare({**base_env, **studio_env(settings)}, admin)
+    return {"copied_template": copied, **result}
+
+
+def build_template(output: Path, base_env: dict[str, str]) -> None:
+    """Migrate an empty SQLite database once (install or image build time)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {
+            **base_env,
+            "DJANGO_SETTINGS_MODULE": "core.settings.label_studio",
+            "LABEL_STUDIO_BASE_DATA_DIR": tmp,
+            "DJANGO_DB": "sqlite",
+            "DATABASE_NAME": str(Path(tmp) / "template.sqlite3"),
+            "SECRET_KEY": "template-build-only",
+            "LABEL_STUDIO_LATEST_VERSION_CHECK": "false",
+            "LABEL_STUDIO_COLLECT_ANALYTICS": "false",
+        }
+        run_prepare(env, None)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(Path(tmp) / "template.sqlite3", output)

@@ -1,0 +1,51 @@
+"""The labeling template: a user's file or string, or the default built from the label list.
+
+Default: BrushLabels ``mask`` holds the output masks (SAM's and the detector's); smart KeyPointLabels ``point``
+and smart RectangleLabels ``box`` carry SAM prompts and the detector's boxes; a Header per metadata field.
+"""
+
+from __future__ import annotations
+
+from importlib.resources import files
+from xml.etree import ElementTree
+from xml.sax.saxutils import quoteattr
+
+from appliance.settings import Settings
+
+PALETTE = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6", "#bcf60c", "#fabebe",
+           "#008080", "#e6beff", "#9a6324", "#800000", "#aaffc3", "#808000", "#000075")
+
+
+class TemplateError(ValueError):
+    pass
+
+
+def default_template(labels: list[str], metadata_fields: list[str]) -> str:
+    raw = (files("appliance") / "templates" / "default.xml").read_text()
+    raw = "\n".join(line for line in raw.splitlines() if "<!--" not in line)
+    colors = [PALETTE[i % len(PALETTE)] for i in range(len(labels))]
+    label_lines = "\n".join(f'    <Label value={quoteattr(x)} background="{c}"/>' for x, c in zip(labels, colors))
+    smart_lines = "\n".join(
+        f'    <Label value={quoteattr(x)} smart="true" background="{c}" showInline="true"/>'
+        for x, c in zip(labels, colors)
+    )
+    headers = "\n".join(f'  <Header value={quoteattr("$" + f)} size="5"/>' for f in metadata_fields)
+    return raw.format(headers=headers, labels=label_lines, smart_labels=smart_lines)
+
+
+def label_config(settings: Settings) -> str:
+    if settings.label_config:
+        xml, origin = settings.label_config, "APPLIANCE_LABEL_CONFIG"
+    elif settings.label_config_file:
+        try:
+            xml, origin = settings.label_config_file.read_text(), "APPLIANCE_LABEL_CONFIG_FILE"
+        except OSError as error:
+            raise TemplateError(f"APPLIANCE_LABEL_CONFIG_FILE: cannot read {settings.label_config_file}: "
+                                f"{error.strerror}. Point it at a readable XML file.") from None
+    else:
+        return default_template(settings.label_list, settings.metadata_list)
+    try:
+        ElementTree.fromstring(xml)
+    except ElementTree.ParseError as error:
+        raise TemplateError(f"{origin}: the labeling template is not valid XML ({error}). Fix the XML.") from None
+    return xml

@@ -1,0 +1,79 @@
+"""Configuration: every wrong value stops start-up with one line naming the variable, before anything starts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from appliance.settings import ConfigError, Settings, load_settings
+from conftest import ROOT, appliance_env
+
+BAD = [
+    ("APPLIANCE_PORT", "eighty"), ("APPLIANCE_PORT", "0"), ("APPLIANCE_PORT", "70000"), ("APPLIANCE_PORT", "-1"),
+    ("APPLIANCE_SAM_PORT", "x"), ("APPLIANCE_PREDICT_PORT", "99999"), ("APPLIANCE_STUDIO_WORKERS", "0"),
+    ("APPLIANCE_STUDIO_WORKERS", "many"), ("APPLIANCE_BACKEND_THREADS", "0"), ("APPLIANCE_TORCH_THREADS", "-2"),
+    ("APPLIANCE_LOG_LEVEL", "LOUD"), ("APPLIANCE_ROLES", "studio,frontend"), ("APPLIANCE_ROLES", ","),
+    ("APPLIANCE_LABELS", " , "), ("APPLIANCE_LABELS", "Cat,Cat"), ("LABEL_STUDIO_USERNAME", "admin"),
+    ("LABEL_STUDIO_USERNAME", "@x"), ("LABEL_STUDIO_PASSWORD", "short"), ("LABEL_STUDIO_API_KEY", "x" * 41),
+    ("LABEL_STUDIO_API_KEY", "abc"), ("LABEL_STUDIO_USER_TOKEN", "y" * 50), ("APPLIANCE_BACKEND_SECRET", "tiny"),
+    ("APPLIANCE_DATABASE_URL", "mysql://u:p@h/db"), ("APPLIANCE_DATABASE_URL", "postgresql://"),
+    ("APPLIANCE_DATABASE_URL", "postgresql://host-only"), ("LABEL_STUDIO_URL", "localhost:8080"),
+    ("APPLIANCE_SAM_URL", "ftp://x"), ("APPLIANCE_PREDICT_URL", "http://"), ("APPLIANCE_READY_TIMEOUT", "0"),
+    ("APPLIANCE_READY_TIMEOUT", "soon"), ("APPLIANCE_SAMPLE_IMAGES", "perhaps"), ("APPLIANCE_PROJECT_TITLE", "ab"),
+    ("APPLIANCE_PROJECT_TITLE", "t" * 51),
+]
+
+
+@pytest.mark.parametrize("name,value", BAD)
+def test_bad_value_names_the_variable(name, value):
+    with pytest.raises(ConfigError) as caught:
+        load_settings({name: value})
+    line = caught.value.line
+    assert name in line and "\n" not in line and caught.value.code == 2
+    if "KEY" in name or "PASSWORD" in name or "SECRET" in name or "TOKEN" in name:
+        assert value not in line  # a wrong secret is still a secret
+
+
+def test_defaults_serve_the_offline_demo():
+    settings = load_settings({})
+    assert settings.port == 8080 and settings.role_list == ["studio", "sam", "predict", "train"]
+    assert settings.label_list == ["Person", "Animal", "Vehicle", "Object"]
+    assert settings.password is None and settings.api_key is None  # generated at boot, never defaulted
+
+
+def test_token_alias_is_accepted():
+    assert load_settings({"LABEL_STUDIO_USER_TOKEN": "a" * 40}).api_key.get_secret_value() == "a" * 40
+
+
+@pytest.mark.parametrize("name,value", [("APPLIANCE_PORT", "eighty"), ("LABEL_STUDIO_API_KEY", "z" * 45)])
+def test_entrypoint_exits_with_one_line(tmp_path, name, value):
+    env = appliance_env(tmp_path / "data", **{name: value})
+    proc = subprocess.run([sys.executable, "-m", "appliance", "up"], env=env, capture_output=True, text=True,
+                          cwd=ROOT, timeout=60)
+    assert proc.returncode == 2
+    lines = (proc.stdout + proc.stderr).strip().splitlines()
+    assert len(lines) == 1 and name in lines[0], lines
+    assert not (tmp_path / "data").exists()  # nothing was started or written
+
+
+def test_busy_port_is_an_error_not_a_silent_hop(tmp_path):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        env = appliance_env(tmp_path / "data", APPLIANCE_PORT=str(busy.getsockname()[1]))
+        proc = subprocess.run([sys.executable, "-m", "appliance", "up"], env=env, capture_output=True, text=True,
+                              cwd=ROOT, timeout=60)
+    assert proc.returncode == 2
+    assert "APPLIANCE_PORT" in proc.stderr and "already in use" in proc.stderr
+
+
+def test_readme_documents_every_variable():
+    readme = (ROOT / "README.md").read_text()
+    from appliance.settings import env_name
+
+    missing = [env_name(f) for f in Settings.model_fields if f"`{env_name(f)}`" not in readme]
+    assert not missing, f"README env table lacks {missing}; regenerate with `appliance config`"
