@@ -31,11 +31,12 @@ class Backend:
     interactive: bool
 
 
-def backends(settings: Settings) -> list[Backend]:
-    return [
-        Backend("SAM (interactive)", settings.sam_base_url, True),
-        Backend("Pre-annotation (MMDetection)", settings.predict_base_url, False),
-    ]
+def backends(settings: Settings) -> dict[str, Backend]:
+    # Order matters: Label Studio retrieves predictions on task load from the project's FIRST ML backend.
+    return {
+        "predict": Backend("Pre-annotation (MMDetection)", settings.predict_base_url, False),
+        "sam": Backend("SAM (interactive)", settings.sam_base_url, True),
+    }
 
 
 def read_state(settings: Settings) -> dict[str, Any]:
@@ -143,10 +144,9 @@ def run(settings: Settings) -> dict[str, Any]:
     state["project_id"] = converge_project(ls, settings, state)
     write_state(settings, state)
     state["local_storage_id"] = converge_local_storage(ls, settings, state["project_id"])
-    wanted = {"sam": "sam", "predict": "predict"}
     state["ml_backends"] = {
         role: converge_backend(ls, settings, state["project_id"], backend)
-        for role, backend in zip(wanted, backends(settings))
+        for role, backend in backends(settings).items()
     }
     state["bootstrapped_at"] = time.time()
     write_state(settings, state)

@@ -31,7 +31,7 @@ def backend_command(settings: Settings, app: str, port: int) -> list[str]:
     return [
         str(BIN / "gunicorn"), "--bind", f"{settings.backend_host}:{port}", "--workers", "1",
         "--threads", str(settings.backend_threads), "--timeout", "300", "--graceful-timeout", "20",
-        "--log-level", settings.log_level.lower(), app,
+        "--no-control-socket", "--log-level", settings.log_level.lower(), app,
     ]
 
 

@@ -82,6 +82,9 @@ def studio_env(settings: Settings) -> dict[str, str]:
         "LABEL_STUDIO_LATEST_VERSION_CHECK": "false",
         "LABEL_STUDIO_COLLECT_ANALYTICS": "false",
         "LABEL_STUDIO_INTERNAL_PORT": str(settings.port),
+        # Show the predictions of the version each connected ML backend serves now (the backend's model_version,
+        # refreshed on every health/setup round), not the version pinned in the project when it was created.
+        "ff_front_dev_1682_model_version_dropdown_070622_short": "true",
         **database_env(settings),
     }
 
@@ -97,6 +100,7 @@ def gunicorn_command(settings: Settings) -> list[str]:
         "--timeout", "300",
         "--graceful-timeout", "20",
         "--forwarded-allow-ips", "127.0.0.1",
+        "--no-control-socket",
         "core.wsgi:application",
     ]
 

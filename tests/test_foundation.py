@@ -11,7 +11,7 @@ import time
 
 import requests
 
-from conftest import ROOT
+from harness import ROOT
 
 
 def login(url: str, email: str, password: str) -> requests.Session:
@@ -78,9 +78,17 @@ def test_backends_refuse_requests_without_the_shared_secret(appliance):
     assert requests.get(f"{url}/health", timeout=5, auth=auth).json()["status"] == "UP"
 
 
-def test_signup_is_disabled(appliance):
-    page = requests.get(f"{appliance.url}/user/signup/", timeout=30, allow_redirects=True)
-    assert 'name="password"' not in page.text or "signup" not in page.url
+def test_open_signup_is_refused(appliance):
+    session = requests.Session()
+    page = session.get(f"{appliance.url}/user/signup/", timeout=30)
+    csrf = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page.text).group(1)
+    response = session.post(f"{appliance.url}/user/signup/", timeout=30,
+                            data={"csrfmiddlewaretoken": csrf, "email": "intruder@example.com",
+                                  "password": "intruder-password-1", "how_find_us": "x"},
+                            headers={"Referer": f"{appliance.url}/user/signup/"})
+    assert response.status_code == 403
+    assert login(appliance.url, "intruder@example.com", "intruder-password-1").get(
+        f"{appliance.url}/api/current-user/whoami", timeout=30).status_code == 401
 
 
 def test_status_reports_processes_project_and_connections(appliance):

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from appliance.settings import ConfigError, Settings, load_settings
-from conftest import ROOT, appliance_env
+from harness import ROOT, appliance_env
 
 BAD = [
     ("APPLIANCE_PORT", "eighty"), ("APPLIANCE_PORT", "0"), ("APPLIANCE_PORT", "70000"), ("APPLIANCE_PORT", "-1"),

@@ -72,7 +72,7 @@ def ensure_admin(email: str, password: str, token: str) -> dict:
     if current is None or current.key != token:
         Token.objects.filter(user=user).delete()
         Token.objects.create(user=user, key=token)
-        changed["token_updated"] = current is not None
+        changed["token_updated"] = not changed["user_created"]
     jwt = org.jwt
     if not jwt.legacy_api_tokens_enabled or not jwt.api_tokens_enabled:
         jwt.legacy_api_tokens_enabled = True

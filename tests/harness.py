@@ -1,0 +1,102 @@
+"""Run the real appliance (`appliance up`) as a subprocess on a given volume: used by tests and benchmarks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "test-artifacts"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def appliance_env(data_dir: Path, **overrides: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("APPLIANCE_", "LABEL_STUDIO_"))}
+    env.update({
+        "APPLIANCE_DATA_DIR": str(data_dir),
+        "APPLIANCE_PORT": str(free_port()),
+        "APPLIANCE_SAM_PORT": str(free_port()),
+        "APPLIANCE_PREDICT_PORT": str(free_port()),
+        "APPLIANCE_HOST": "127.0.0.1",
+        "APPLIANCE_STUDIO_WORKERS": "1",
+        "OMP_WAIT_POLICY": "PASSIVE",
+    })
+    env.update(overrides)
+    return env
+
+
+@dataclass
+class Appliance:
+    """A running `appliance up` process and what a test needs to talk to it."""
+
+    env: dict[str, str]
+    log_path: Path
+    proc: subprocess.Popen | None = None
+    starts: list[float] = field(default_factory=list)
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.env["APPLIANCE_DATA_DIR"])
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.env['APPLIANCE_PORT']}"
+
+    def secrets(self) -> dict[str, str]:
+        lines = (self.data_dir / "secrets.env").read_text().splitlines()
+        return dict(line.split("=", 1) for line in lines if "=" in line and not line.startswith("#"))
+
+    @property
+    def token(self) -> str:
+        return self.secrets()["LABEL_STUDIO_API_KEY"]
+
+    def api(self, method: str, path: str, **kwargs) -> requests.Response:
+        headers = {"Authorization": f"Token {self.token}", **kwargs.pop("headers", {})}
+        return requests.request(method, self.url + path, headers=headers, timeout=60, **kwargs)
+
+    def state(self) -> dict:
+        try:
+            return json.loads((self.data_dir / "state.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def start(self, timeout: float = 420) -> float:
+        """Start and wait until the bootstrap finished; returns seconds taken."""
+        began = time.time()
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "appliance", "up"], env=self.env, stdout=log,
+                                     stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+        while time.time() - began < timeout:
+            if self.state().get("bootstrapped_at", 0) > began:
+                self.starts.append(time.time() - began)
+                return self.starts[-1]
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"appliance exited with {self.proc.returncode}; see {self.log_path}")
+            time.sleep(0.5)
+        raise TimeoutError(f"appliance not ready in {timeout} s; see {self.log_path}")
+
+    def stop(self, timeout: float = 90) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            raise
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
