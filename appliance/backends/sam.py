@@ -1,10 +1,36 @@
-"""Interactive Segment Anything backend (model adapter). Until the SAM model lands it predicts nothing."""
+"""Interactive Segment Anything backend: the model adapter between the protocol and the SAM engine.
+
+A click, a negative click, a box or a box with clicks becomes a BrushLabels mask (and a polygon when the template
+has PolygonLabels). Embeddings come from a byte-bounded cache keyed by image content; one encoder thread
+computes them ahead for the tasks the annotator will open next, so a click only runs the decoder.
+"""
 
 from __future__ import annotations
 
-from appliance.backends import serve
-from appliance.backends.protocol import Backend, PredictRequest
+import logging
+import threading
+import time
+
+import cv2
+import numpy as np
+
+from appliance.backends import labeling, serve
+from appliance.backends.images import ImageError, ImageFetcher, decode_image
+from appliance.backends.labeling import LabelingError, LabelingSpec
+from appliance.backends.prefetch import Prefetcher
+from appliance.backends.prompts import Prompts, select_prompts
+from appliance.backends.protocol import Backend, BadRequest, PredictRequest, SetupRequest
+from appliance.models.sam.cache import EmbeddingCache, content_key
+from appliance.models.sam.engine import Embedding, PromptError, SamEngine
 from appliance.settings import Settings
+
+log = logging.getLogger("sam")
+
+class NotReady(RuntimeError):
+    pass
+
+
+URL_MEMO_SECONDS = 300  # how long a URL is trusted to still hold the same bytes (saves a download per click)
 
 
 class SamBackend(Backend):
@@ -12,13 +38,131 @@ class SamBackend(Backend):
 
     def __init__(self, settings: Settings):
         self.settings = settings
+        self.engine: SamEngine | None = None
+        self.load_error: str | None = None
+        self.cache = EmbeddingCache(settings.sam_cache_mb * 1024 * 1024)
+        self.fetcher = ImageFetcher(settings.studio_base_url, settings.secret("api_key"), settings.allowed_hosts,
+                                    settings.image_max_mb * 1024 * 1024)
+        self._url_keys: dict[str, tuple[str, float]] = {}
+        self._url_lock = threading.Lock()
+        self.prefetcher = Prefetcher(settings, self.warm)
+
+    # --- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> None:
+        threading.Thread(target=self._load, name="sam-load", daemon=True).start()
+
+    def _load(self) -> None:
+        began = time.monotonic()
+        try:
+            engine = SamEngine(self.settings.sam_checkpoint, self.settings.sam_model_type, self.settings.device)
+        except Exception as error:  # reported in /health; the service stays up to say so
+            self.load_error = str(error)
+            log.error("SAM model not loaded: %s", error)
+            return
+        self.engine = engine
+        log.info("SAM %s loaded on %s in %.1f s", engine.model_type, engine.device, time.monotonic() - began)
+        self.prefetcher.start()
+
+    @property
+    def ready(self) -> bool:
+        return self.engine is not None
 
     @property
     def model_version(self) -> str:
-        return "sam-none"
+        return f"sam-{self.settings.sam_model_type}"
 
+    def status(self) -> dict:
+        return {"error": self.load_error, "cache": self.cache.stats(), "prefetch_queue": self.prefetcher.pending(),
+                "device": str(self.engine.device) if self.engine else None}
+
+    def setup(self, req: SetupRequest) -> None:
+        if req.schema:
+            self.prefetcher.remember_config(req.schema)
+        if req.project:
+            self.prefetcher.after_task(req.project.split(".")[0], None)
+
+    def on_event(self, event: str, payload: dict) -> None:
+        self.prefetcher.on_event(event, payload)
+
+    # --- embeddings ----------------------------------------------------------------------------
+    def embedding(self, url: str, task_id: int | None) -> Embedding:
+        """The embedding of the image at ``url``: from the cache, or fetched, decoded and encoded once."""
+        engine = self._engine()
+        key = self._known_key(url)
+        if key is not None:
+            cached = self.cache.get(key)
+            if cached is not None:
+                return cached
+        data = self.fetcher.fetch(url, task_id)
+        key = content_key(data)
+        with self._url_lock:
+            self._url_keys[url] = (key, time.monotonic())
+        max_pixels = self.settings.image_max_megapixels * 1_000_000
+        return self.cache.get_or_compute(key, lambda: engine.embed(decode_image(data, max_pixels)))
+
+    def warm(self, url: str, task_id: int | None) -> None:
+        self.embedding(url, task_id)
+
+    def _known_key(self, url: str) -> str | None:
+        with self._url_lock:
+            known = self._url_keys.get(url)
+            if known and time.monotonic() - known[1] < URL_MEMO_SECONDS:
+                return known[0]
+            self._url_keys.pop(url, None)
+        return None
+
+    def _engine(self) -> SamEngine:
+        if self.engine is None:
+            raise NotReady(self.load_error or "the SAM model is still loading; try again in a few seconds")
+        return self.engine
+
+    # --- predict -------------------------------------------------------------------------------
     def predict(self, req: PredictRequest) -> list[dict]:
-        return []
+        if not req.interactive:
+            return []  # SAM answers prompts; pre-annotations come from the prediction backend
+        if not req.label_config:
+            raise BadRequest("'label_config' is required for an interactive request")
+        task = req.tasks[0] if req.tasks else None
+        if task is None:
+            raise BadRequest("an interactive request needs one task")
+        try:
+            result = self._segment(task, req)
+        except (PromptError, ImageError, LabelingError, NotReady) as error:
+            # Label Studio passes a 200's body to the editor but drops a 4xx's: the message rides in the result.
+            log.info("task %s: %s", task.get("id"), error)
+            result = {"result": [], "error": f"task {task.get('id')}: {error}", "model_version": self.model_version}
+        if req.project:
+            self.prefetcher.after_task(req.project.split(".")[0], task.get("id"))
+        return [result] + [{"result": []} for _ in req.tasks[1:]]
+
+    def _segment(self, task: dict, req: PredictRequest) -> dict:
+        spec = labeling.parse(req.label_config)
+        prompts = select_prompts(req.context or {})
+        brush = spec.require("BrushLabels")
+        spec.check_label(brush, prompts.label)
+        embedding = self.embedding(labeling.image_url(task, spec), task.get("id"))
+        mask, score = self._decode(embedding, prompts)
+        mask = _to_size(mask, prompts.original_size)
+        regions = [labeling.brush_region(spec, mask, prompts.label, score)]
+        regions += labeling.polygon_regions(spec, mask, prompts.label, score)
+        return {"result": regions, "score": round(score, 4), "model_version": self.model_version}
+
+    def _decode(self, embedding: Embedding, prompts: Prompts) -> tuple[np.ndarray, float]:
+        height, width = embedding.original_size
+        points = [(x * width / 100, y * height / 100) for x, y in prompts.points]
+        box = None
+        if prompts.box is not None:
+            x, y, w, h = prompts.box
+            box = (x * width / 100, y * height / 100, (x + w) * width / 100, (y + h) * height / 100)
+        return self._engine().segment(embedding, points, prompts.point_labels, box)
+
+
+def _to_size(mask: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
+    """Masks must match the size Label Studio shows (original_width x original_height)."""
+    if size is None or mask.shape == size:
+        return mask
+    resized = cv2.resize(mask.astype(np.uint8), (size[1], size[0]), interpolation=cv2.INTER_NEAREST)
+    return resized.astype(bool)
 
 
 def create_app():

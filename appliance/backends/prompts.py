@@ -1,0 +1,67 @@
+"""SAM prompts from an interactive request's context: the clicks and box of the object being drawn.
+
+Label Studio sends the smart regions of the annotation in ``params.context.result``. Only the prompts of the
+object being drawn count: the newest prompt's label, and the run of prompts with that label that ends with it
+(earlier objects, drawn with other labels, are left out, so a new object is not glued to the previous one).
+Coordinates stay in percent of the image, as Label Studio sends them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from appliance.models.sam.engine import PromptError
+
+PROMPT_TYPES = {"keypointlabels", "rectanglelabels"}
+
+
+@dataclass
+class Prompts:
+    label: str
+    points: list[tuple[float, float]] = field(default_factory=list)
+    point_labels: list[int] = field(default_factory=list)
+    box: tuple[float, float, float, float] | None = None  # x, y, width, height in percent
+    original_size: tuple[int, int] | None = None  # (height, width) Label Studio shows
+
+
+def _label(region: dict) -> str:
+    value = region.get("value") or {}
+    labels = value.get(region.get("type"))
+    if not isinstance(labels, list) or not labels or not isinstance(labels[0], str):
+        raise PromptError(f"a {region.get('type')} prompt carries no label; pick a label before clicking")
+    return labels[0]
+
+
+def _number(value: dict, key: str) -> float:
+    number = value.get(key)
+    if not isinstance(number, (int, float)) or isinstance(number, bool):
+        raise PromptError(f"prompt coordinate {key!r} is missing or not a number")
+    return float(number)
+
+
+def _size(region: dict) -> tuple[int, int] | None:
+    width, height = region.get("original_width"), region.get("original_height")
+    if isinstance(width, int) and isinstance(height, int) and width > 0 and height > 0:
+        return height, width
+    return None
+
+
+def select_prompts(context: dict) -> Prompts:
+    regions = [r for r in context.get("result") or [] if isinstance(r, dict) and r.get("type") in PROMPT_TYPES]
+    if not regions:
+        raise PromptError("no SAM prompt in the request: place a smart keypoint or draw a smart box")
+    label = _label(regions[-1])
+    run = []
+    for region in reversed(regions):
+        if _label(region) != label:
+            break
+        run.append(region)
+    prompts = Prompts(label=label, original_size=_size(regions[-1]))
+    for region in reversed(run):
+        value = region.get("value") or {}
+        if region["type"] == "keypointlabels":
+            prompts.points.append((_number(value, "x"), _number(value, "y")))
+            prompts.point_labels.append(0 if region.get("is_positive") is False else 1)
+        else:  # the newest box of the run wins
+            prompts.box = (_number(value, "x"), _number(value, "y"), _number(value, "width"), _number(value, "height"))
+    return prompts
