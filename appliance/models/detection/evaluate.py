@@ -1,0 +1,71 @@
+"""COCO mAP of a detector on a held-out COCO set (pycocotools COCOeval)."""
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+from typing import Callable, Union
+
+import numpy as np
+from PIL import Image
+
+from appliance.models.detection.model import Detection, Detector
+
+PredictFn = Callable[[np.ndarray], list[Detection]]
+
+
+def evaluate(detector: Union[Detector, PredictFn], coco_json: Path, image_dir: Path,
+             score_threshold: float = 0.05) -> dict[str, float]:
+    """{"bbox_mAP", "segm_mAP"} (COCO AP@[.5:.95], 0 when nothing is detected).
+
+    Detections are matched to categories by name. A Detector is run with
+    score_threshold (low, as usual for mAP); a plain function is used as is.
+    """
+    from pycocotools.coco import COCO
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(coco_json))
+    predict = _predict_fn(detector, score_threshold)
+    category_ids = {c["name"]: c["id"] for c in gt.loadCats(gt.getCatIds())}
+    results = []
+    for image_id in gt.getImgIds():
+        info = gt.loadImgs(image_id)[0]
+        image = np.asarray(Image.open(Path(image_dir) / info["file_name"]).convert("RGB"))
+        for det in predict(image):
+            if det.label in category_ids:
+                results.append(_result(image_id, category_ids[det.label], det))
+    with_masks = [r for r in results if "segmentation" in r]
+    return {"bbox_mAP": _map(gt, results, "bbox"), "segm_mAP": _map(gt, with_masks, "segm")}
+
+
+def _predict_fn(detector: Union[Detector, PredictFn], score_threshold: float) -> PredictFn:
+    if isinstance(detector, Detector):
+        return lambda image: detector.predict(image, score_threshold=score_threshold)
+    return detector
+
+
+def _result(image_id: int, category_id: int, det: Detection) -> dict:
+    from pycocotools import mask as mask_utils
+
+    x0, y0, x1, y1 = det.bbox
+    result = {"image_id": image_id, "category_id": category_id, "score": float(det.score),
+              "bbox": [x0, y0, x1 - x0, y1 - y0]}
+    if det.mask is not None:
+        rle = mask_utils.encode(np.asfortranarray(det.mask.astype(np.uint8)))
+        rle["counts"] = rle["counts"].decode()
+        result["segmentation"] = rle
+    return result
+
+
+def _map(gt, results: list[dict], iou_type: str) -> float:
+    from pycocotools.cocoeval import COCOeval
+
+    if not results or not gt.getAnnIds():
+        return 0.0
+    with contextlib.redirect_stdout(io.StringIO()):
+        dt = gt.loadRes([dict(r) for r in results])  # loadRes edits its input
+        ev = COCOeval(gt, dt, iou_type)
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return float(max(0.0, ev.stats[0]))
