@@ -105,6 +105,13 @@ class Settings(BaseSettings):
                               description="Memory for cached image embeddings (MobileSAM: 4 MB per image).")
     sam_prefetch: int = Field(3, ge=0, le=100, validation_alias=_env("APPLIANCE_SAM_PREFETCH"),
                               description="Unlabeled tasks whose embeddings are computed ahead of the annotator.")
+    score_threshold: float = Field(0.3, ge=0, le=1, validation_alias=_env("APPLIANCE_SCORE_THRESHOLD"),
+                                   description="Detections below this score are not pre-annotated.")
+    predict_batch: int = Field(4, ge=1, le=256, validation_alias=_env("APPLIANCE_PREDICT_BATCH"),
+                               description="Images per model call when pre-annotating.")
+    label_map: str = Field("", validation_alias=_env("APPLIANCE_LABEL_MAP"),
+                           description="Model class to template label, e.g. cat:Animal,dog:Animal "
+                                       "(same names map by themselves; predicted_values in the template work too).")
     image_max_mb: int = Field(50, ge=1, le=2048, validation_alias=_env("APPLIANCE_IMAGE_MAX_MB"),
                               description="Largest image file the backends download.")
     image_max_megapixels: int = Field(100, ge=1, le=1000, validation_alias=_env("APPLIANCE_IMAGE_MAX_MEGAPIXELS"),

@@ -18,7 +18,9 @@ def artifacts() -> Path:
 @pytest.fixture(scope="session")
 def appliance(tmp_path_factory, artifacts) -> Appliance:
     data_dir = tmp_path_factory.mktemp("volume") / "data"
-    app = Appliance(env=appliance_env(data_dir), log_path=artifacts / "appliance.log")
+    # The prediction tests train a tiny model on classes "circle" and "rectangle": map one, leave one unknown.
+    env = appliance_env(data_dir, APPLIANCE_LABEL_MAP="circle:Object", APPLIANCE_SCORE_THRESHOLD="0.0")
+    app = Appliance(env=env, log_path=artifacts / "appliance.log")
     app.log_path.write_text("")
     app.start()
     yield app

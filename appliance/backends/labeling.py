@@ -22,6 +22,7 @@ class LabelingSpec:
     image_key: str
     controls: dict[str, str] = field(default_factory=dict)  # tag (e.g. "BrushLabels") -> control name
     labels: dict[str, tuple[str, ...]] = field(default_factory=dict)  # control name -> its labels
+    predicted_values: dict[str, tuple[str, ...]] = field(default_factory=dict)  # label -> model class names
 
     def control(self, tag: str) -> str | None:
         return self.controls.get(tag)
@@ -51,11 +52,16 @@ def parse(config: str) -> LabelingSpec:
     image = images[0]
     controls: dict[str, str] = {}
     labels: dict[str, tuple[str, ...]] = {}
+    predicted: dict[str, tuple[str, ...]] = {}
     for control in interface.controls:
         if image.name in (control.to_name or []) and control.tag not in controls:
             controls[control.tag] = control.name
             labels[control.name] = tuple(getattr(control, "labels", None) or ())
-    return LabelingSpec(image.name, image.value.lstrip("$"), controls, labels)
+            for label, tag in (getattr(control, "labels_attrs", None) or {}).items():
+                values = (tag.attr or {}).get("predicted_values")
+                if values:
+                    predicted[label] = tuple(v.strip() for v in values.split(",") if v.strip())
+    return LabelingSpec(image.name, image.value.lstrip("$"), controls, labels, predicted)
 
 
 def image_url(task: dict, spec: LabelingSpec) -> str:

@@ -1,27 +1,137 @@
-"""Pre-annotation backend (model adapter). Until a model serves it predicts nothing, and says so."""
+"""Pre-annotation backend: the model adapter between the protocol and the MMDetection detector.
+
+Every detection becomes a BrushLabels mask (or a polygon when the template has PolygonLabels instead) and its
+RectangleLabels box, with the project's label, a per-region score, a task score (the mean, so the Data Manager can
+sort least-confident first) and the serving model_version. It never trains and never invents predictions:
+with no model in the registry it answers with none and says so in /health.
+"""
 
 from __future__ import annotations
 
-from appliance.backends import serve
-from appliance.backends.protocol import Backend, PredictRequest
+import logging
+
+import numpy as np
+
+from appliance.backends import labeling, serve
+from appliance.backends.hotswap import ModelSlot
+from appliance.backends.images import ImageError, ImageFetcher, decode_image
+from appliance.backends.label_map import LabelMapper, parse_label_map
+from appliance.backends.labeling import LabelingError, LabelingSpec
+from appliance.backends.protocol import Backend, PredictRequest, SetupRequest
 from appliance.settings import Settings
+
+log = logging.getLogger("predict")
+
+NO_MODEL = "no-model"
 
 
 class PredictBackend(Backend):
     name = "predict"
 
     def __init__(self, settings: Settings):
+        from appliance.models.registry import ModelRegistry
+
         self.settings = settings
+        self.slot = ModelSlot(ModelRegistry(settings.models_dir), self._load)
+        self.fetcher = ImageFetcher(settings.studio_base_url, settings.secret("api_key"), settings.allowed_hosts,
+                                    settings.image_max_mb * 1024 * 1024)
+        self.mappers: dict[str, LabelMapper] = {}
+        self.schema: str | None = None
+
+    def _load(self, version):
+        from appliance.models.detection.model import Detector
+
+        return Detector(version.path, device=self.settings.device, score_threshold=self.settings.score_threshold,
+                        batch_size=self.settings.predict_batch)
+
+    def start(self) -> None:
+        self.slot.start()
+
+    @property
+    def ready(self) -> bool:
+        return self.slot.get() is not None
 
     @property
     def model_version(self) -> str:
-        return "no-model"
+        serving = self.slot.get()
+        return serving.version if serving else NO_MODEL
 
     def status(self) -> dict:
-        return {"serving": None, "message": "no model yet: annotate tasks and the trainer will publish one"}
+        if self.slot.get() is None:
+            message = ("no model yet: submit annotations and the trainer publishes one "
+                       "(or set APPLIANCE_DETECTOR_WEIGHTS)")
+        else:
+            message = None
+        return {"message": message, "loading": self.slot.loading, "failed_version": self.slot.error}
 
+    def setup(self, req: SetupRequest) -> None:
+        if req.schema:
+            self.schema = req.schema
+
+    def versions(self) -> list[str]:
+        return [v.version for v in self.slot.registry.list()] or [NO_MODEL]
+
+    # --- predict -------------------------------------------------------------------------------
     def predict(self, req: PredictRequest) -> list[dict]:
-        return []
+        serving = self.slot.get()  # the whole request uses this model, even if a swap happens meanwhile
+        if serving is None:
+            return []
+        config = req.label_config or self.schema
+        if not config:
+            return [{"error": "no labeling config in the request"} for _ in req.tasks]
+        try:
+            spec = labeling.parse(config)
+        except LabelingError as error:
+            return [{"error": str(error)} for _ in req.tasks]
+        images, errors = self._images(req.tasks, spec)
+        ok = [i for i in range(len(req.tasks)) if i not in errors]
+        detections = serving.model.predict_batch([images[i] for i in ok]) if ok else []
+        by_task = dict(zip(ok, detections))
+        mapper = self._mapper(config, spec)
+        return [self._result(spec, mapper, images[i], by_task[i], serving.version) if i in by_task
+                else {"error": errors[i]} for i in range(len(req.tasks))]
+
+    def _images(self, tasks: list[dict], spec: LabelingSpec) -> tuple[dict[int, np.ndarray], dict[int, str]]:
+        images, errors = {}, {}
+        max_pixels = self.settings.image_max_megapixels * 1_000_000
+        for i, task in enumerate(tasks):
+            try:
+                data = self.fetcher.fetch(labeling.image_url(task, spec), task.get("id"))
+                images[i] = decode_image(data, max_pixels)
+            except (ImageError, LabelingError) as error:  # this task fails, the others go on
+                log.info("task %s: %s", task.get("id"), error)
+                errors[i] = f"task {task.get('id')}: {error}"
+        return images, errors
+
+    def _mapper(self, config: str, spec: LabelingSpec) -> LabelMapper:
+        if config not in self.mappers:
+            self.mappers[config] = LabelMapper(spec, parse_label_map(self.settings.label_map))
+        return self.mappers[config]
+
+    def _result(self, spec: LabelingSpec, mapper: LabelMapper, image: np.ndarray, found: list, version: str) -> dict:
+        size = image.shape[:2]
+        regions, scores = [], []
+        for det in found:
+            label = mapper(det.label)
+            if label is None:
+                continue
+            scores.append(det.score)
+            regions += self._regions(spec, det, label, size)
+        score = float(np.mean(scores)) if scores else 0.0
+        return {"result": regions, "score": round(score, 4), "model_version": version}
+
+    @staticmethod
+    def _regions(spec: LabelingSpec, det, label: str, size: tuple[int, int]) -> list[dict]:
+        regions = []
+        if det.mask is not None:
+            if spec.control("BrushLabels"):
+                regions.append(labeling.brush_region(spec, det.mask, label, det.score))
+            else:
+                regions += labeling.polygon_regions(spec, det.mask, label, det.score)
+        box = labeling.rectangle_region(spec, det.bbox, size, label, det.score)
+        if box is not None:
+            regions.append(box)
+        return regions
 
 
 def create_app():

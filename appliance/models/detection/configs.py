@@ -74,6 +74,9 @@ def build_config(
     _set_data(cfg, classes, dataset_dir, batch_size, num_workers)
     _set_schedule(cfg, spec, epochs, batch_size, lr)
     cfg.work_dir = str(work_dir)
+    # mmengine keeps visualizers as process-wide singletons by name: a second run in the same process would reuse
+    # the first one, still writing into the first run's (deleted) work dir.
+    cfg.visualizer.name = f"visualizer-{Path(work_dir).name}"
     cfg.load_from = str(load_from) if load_from else None
     cfg.resume = False
     cfg.arch = arch

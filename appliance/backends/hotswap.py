@@ -1,0 +1,84 @@
+"""Serve whatever the registry's ``current`` points to, and swap to a new version without dropping a request.
+
+A watchdog observer on the registry folder (plus a slow poll, for file systems without inotify) notices a new
+``current``. The new model loads beside the old one, then a reference swap under a lock makes it serve; requests
+already running keep the model object they started with, so the old one is freed when the last of them ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+
+from appliance.models.registry import ModelRegistry
+
+log = logging.getLogger("predict.swap")
+
+
+@dataclass(frozen=True)
+class Serving:
+    version: str
+    model: Any
+
+
+class _Changed(FileSystemEventHandler):
+    def __init__(self, poke: Callable[[], None]):
+        self.poke = poke
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        self.poke()
+
+
+class ModelSlot:
+    def __init__(self, registry: ModelRegistry, load: Callable[[Any], Any], poll_seconds: float = 10.0):
+        self.registry = registry
+        self.load = load  # VersionInfo -> model
+        self.poll_seconds = poll_seconds
+        self.serving: Serving | None = None
+        self.error: str | None = None
+        self.loading: str | None = None
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._observer = Observer()
+
+    def get(self) -> Serving | None:
+        return self.serving  # one attribute read: atomic, no lock needed on the request path
+
+    def start(self) -> None:
+        self.registry.root.mkdir(parents=True, exist_ok=True)
+        self._observer.schedule(_Changed(self._wake.set), str(self.registry.root), recursive=False)
+        self._observer.daemon = True
+        self._observer.start()
+        threading.Thread(target=self._run, name="model-swap", daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            self.refresh()
+            self._wake.wait(self.poll_seconds)
+            self._wake.clear()
+
+    def refresh(self) -> None:
+        """Load and serve the registry's current version if it is not the one serving."""
+        current = self.registry.current()
+        serving = self.serving
+        if current is None or (serving and serving.version == current.version) or self.error == current.version:
+            return
+        self.loading = current.version
+        try:
+            model = self.load(current)
+        except Exception as error:  # a broken version never replaces a working one
+            log.error("version %s cannot be loaded, still serving %s: %s", current.version,
+                      serving.version if serving else "nothing", error)
+            self.error = current.version
+            return
+        finally:
+            self.loading = None
+        with self._lock:
+            self.serving = Serving(current.version, model)
+        self.error = None
+        log.info("now serving %s (was %s)", current.version, serving.version if serving else "nothing")

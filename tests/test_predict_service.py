@@ -1,0 +1,125 @@
+"""The prediction backend inside the running appliance, with a model trained here by real mmdet.
+
+The session appliance maps the model class "circle" to the template label "Object" (APPLIANCE_LABEL_MAP) and
+knows nothing of "rectangle", which must therefore be dropped.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from synthetic import make_dataset
+
+CLASSES = ["circle", "rectangle"]
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory) -> list[Path]:
+    """Two tiny versions (2 training iterations each): enough to predict something, not to be good."""
+    from appliance.models.detection.train import train
+
+    data = tmp_path_factory.mktemp("shapes")
+    make_dataset(data, 8, CLASSES, seed=3)
+    first = train(data, CLASSES, tmp_path_factory.mktemp("m1"), epochs=1, batch_size=4, img_size=160)
+    second = train(data, CLASSES, tmp_path_factory.mktemp("m2"), epochs=1, batch_size=4, img_size=160,
+                   init_weights=Path(first) / "weights.pth", seed=1)
+    return [Path(first), Path(second)]
+
+
+def backend(appliance) -> tuple[str, tuple[str, str]]:
+    return (f"http://127.0.0.1:{appliance.env['APPLIANCE_PREDICT_PORT']}",
+            ("labelstudio", appliance.secrets()["APPLIANCE_BACKEND_SECRET"]))
+
+
+def serving(appliance) -> str:
+    url, auth = backend(appliance)
+    return requests.get(f"{url}/health", auth=auth, timeout=5).json()["model_version"]
+
+
+def publish(appliance, model_dir: Path, timeout: float = 120) -> str:
+    from appliance.models.registry import ModelRegistry
+
+    version = ModelRegistry(appliance.data_dir / "models").publish(model_dir, {"segm_mAP": 0.0})
+    deadline = time.time() + timeout
+    while serving(appliance) != version:
+        assert time.time() < deadline, f"backend did not swap to {version}"
+        time.sleep(0.5)
+    return version
+
+
+def project_tasks(appliance) -> list[dict]:
+    pid = appliance.state()["project_id"]
+    return appliance.api("GET", f"/api/tasks?project={pid}&page_size=100").json()["tasks"]
+
+
+def test_no_model_means_no_predictions_and_says_so(appliance):
+    url, auth = backend(appliance)
+    health = requests.get(f"{url}/health", auth=auth, timeout=5).json()
+    if health["model_version"] == "no-model":
+        assert "no model yet" in health["message"]
+        task = project_tasks(appliance)[0]
+        assert appliance.api("GET", f"/api/tasks/{task['id']}").json()["predictions"] == []
+
+
+def test_predictions_are_stored_by_label_studio_with_mapped_labels(appliance, tiny_models):
+    version = publish(appliance, tiny_models[0])
+    task = project_tasks(appliance)[1]
+    predictions = appliance.api("GET", f"/api/tasks/{task['id']}").json()["predictions"]  # predicted on load
+    assert len(predictions) == 1 and predictions[0]["model_version"] == version
+    result = predictions[0]["result"]
+    assert result, "a model with threshold 0 predicts something"
+    labels = {label for region in result for label in region["value"].get(region["type"], [])}
+    assert labels == {"Object"}  # circle -> Object; rectangle has no label and is dropped
+    assert {r["type"] for r in result} == {"brushlabels", "rectanglelabels"}
+    assert 0 <= predictions[0]["score"] <= 1
+
+
+def test_corrupt_image_fails_only_its_task(appliance, tiny_models):
+    if serving(appliance) == "no-model":
+        publish(appliance, tiny_models[0])
+    (appliance.data_dir / "images" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    url, auth = backend(appliance)
+    good = project_tasks(appliance)[0]
+    tasks = [{"id": 999, "data": {"image": "/data/local-files/?d=images/broken.jpg"}}, good]
+    project = appliance.api("GET", f"/api/projects/{appliance.state()['project_id']}").json()
+    response = requests.post(f"{url}/predict", auth=auth, timeout=120,
+                             json={"tasks": tasks, "label_config": project["label_config"]})
+    results = response.json()["results"]
+    assert response.status_code == 200 and len(results) == 2
+    assert "result" not in results[0] and "999" in results[0]["error"]
+    assert "result" in results[1]
+    assert requests.get(f"{url}/health", auth=auth, timeout=5).status_code == 200
+
+
+def test_hot_swap_during_a_stream_of_requests_fails_none(appliance, tiny_models):
+    first = publish(appliance, tiny_models[0]) if serving(appliance) == "no-model" else serving(appliance)
+    url, auth = backend(appliance)
+    project = appliance.api("GET", f"/api/projects/{appliance.state()['project_id']}").json()
+    body = {"tasks": [project_tasks(appliance)[2]], "label_config": project["label_config"]}
+    seen, failures, stop = [], [], threading.Event()
+
+    def stream():
+        while not stop.is_set():
+            try:
+                response = requests.post(f"{url}/predict", auth=auth, json=body, timeout=120)
+                result = response.json()["results"][0]
+                seen.append(result["model_version"]) if response.ok and "result" in result else failures.append(
+                    response.text[:200])
+            except requests.RequestException as error:
+                failures.append(str(error))
+
+    threads = [threading.Thread(target=stream) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    second = publish(appliance, tiny_models[1])
+    time.sleep(2)
+    stop.set()
+    for thread in threads:
+        thread.join(120)
+    assert failures == []
+    assert first in seen and second in seen and seen.index(second) > seen.index(first)
