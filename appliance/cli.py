@@ -49,6 +49,40 @@ def _status(args) -> None:
     status.main(runtime.load(), as_json=args.json)
 
 
+def _model(args) -> None:
+    from appliance import runtime
+    from appliance.models.registry import ModelRegistry, UnknownVersionError
+
+    registry = ModelRegistry(runtime.load().models_dir)
+    if args.action == "use":
+        try:
+            info = registry.use(args.version)
+        except UnknownVersionError as error:
+            raise SystemExit(f"error: {error}") from None
+        print(f"current -> {info.version}; the prediction backend swaps to it within seconds")
+        return
+    versions = registry.list()
+    if not versions:
+        print("no model versions yet: the trainer publishes one after enough annotations")
+    for info in versions:
+        metrics = ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in info.metrics.items())
+        print(f"{'*' if info.is_current else ' '} {info.version}  {info.created:%Y-%m-%d %H:%M}  {metrics}")
+
+
+def _predict(args) -> None:
+    from appliance import bulk_predict, runtime
+
+    settings = runtime.load()
+    try:
+        summary = bulk_predict.predict_all(settings, batch=args.batch)
+    except bulk_predict.BulkError as error:
+        raise SystemExit(f"error: {error}") from None
+    print(f"{summary.predicted} task(s) pre-annotated with {summary.version} in {summary.seconds:.1f} s "
+          f"({summary.tasks_per_second:.2f}/s); {summary.skipped} already had it; {len(summary.failed)} failed")
+    for line in summary.failed[:20]:
+        print(f"  failed: {line}")
+
+
 def _credentials(args) -> None:
     from appliance import runtime
 
@@ -86,6 +120,16 @@ def parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="processes, project, ML connections, serving model")
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=_status)
+    model = sub.add_parser("model", help="list model versions or roll back to one")
+    model_sub = model.add_subparsers(dest="action", required=True)
+    model_sub.add_parser("list", help="versions with their metrics; * marks the serving one")
+    use = model_sub.add_parser("use", help="make VERSION the serving model (rollback)")
+    use.add_argument("version")
+    model.set_defaults(func=_model)
+    pred = sub.add_parser("predict", help="pre-annotate every task with the serving model (resumable)")
+    pred.add_argument("--all", action="store_true", required=True, help="every task of the project")
+    pred.add_argument("--batch", type=int, default=None, help="tasks per backend call")
+    pred.set_defaults(func=_predict)
     sub.add_parser("credentials", help="print the admin login, password and API key").set_defaults(func=_credentials)
     bt = sub.add_parser("build-template", help="migrate an empty Label Studio database (install time)")
     bt.add_argument("--output", required=True)

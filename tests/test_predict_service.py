@@ -6,6 +6,8 @@ knows nothing of "rectangle", which must therefore be dropped.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -13,6 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from harness import ROOT
 from synthetic import make_dataset
 
 CLASSES = ["circle", "rectangle"]
@@ -123,3 +126,42 @@ def test_hot_swap_during_a_stream_of_requests_fails_none(appliance, tiny_models)
         thread.join(120)
     assert failures == []
     assert first in seen and second in seen and seen.index(second) > seen.index(first)
+
+
+def cli(appliance, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "appliance", *args], env=appliance.env, capture_output=True,
+                          text=True, cwd=ROOT, timeout=600)
+
+
+def test_bulk_predict_is_resumable(appliance, tiny_models):
+    if serving(appliance) == "no-model":
+        publish(appliance, tiny_models[0])
+    version = serving(appliance)
+    first = cli(appliance, "predict", "--all", "--batch", "2")
+    assert first.returncode == 0, first.stderr[-2000:]
+    pid = appliance.state()["project_id"]
+    tasks = appliance.api("GET", f"/api/projects/{pid}/export",
+                          params={"exportType": "JSON", "download_all_tasks": "true"}).json()
+    predictions = appliance.api("GET", "/api/predictions", params={"project": pid}).json()
+    assert {t["id"] for t in tasks} == {p["task"] for p in predictions if p["model_version"] == version}
+    again = cli(appliance, "predict", "--all")
+    assert again.returncode == 0 and f"0 task(s) pre-annotated with {version}" in again.stdout
+    assert f"{len(tasks)} already had it" in again.stdout
+
+
+def test_model_list_and_rollback(appliance, tiny_models):
+    from appliance.models.registry import ModelRegistry
+
+    while len(ModelRegistry(appliance.data_dir / "models").list()) < 2:
+        publish(appliance, tiny_models[1])
+    listing = cli(appliance, "model", "list").stdout.splitlines()
+    current = next(line.split()[1] for line in listing if line.startswith("*"))
+    older = next(line.split()[0] for line in listing if not line.startswith("*"))
+    assert cli(appliance, "model", "use", older).returncode == 0
+    deadline = time.time() + 60
+    while serving(appliance) != older:
+        assert time.time() < deadline, "backend did not roll back"
+        time.sleep(0.5)
+    assert current != older
+    bad = cli(appliance, "model", "use", "v9999-nope")
+    assert bad.returncode != 0 and "v9999-nope" in bad.stderr
