@@ -104,6 +104,18 @@ def converge_local_storage(ls: LabelStudio, settings: Settings, project_id: int)
     return storage.id
 
 
+def converge_journal(ls: LabelStudio, settings: Settings, project_id: int) -> int:
+    """A Local Files export storage: Label Studio writes every submitted annotation there; the trainer watches it."""
+    path = str(settings.journal_dir)
+    storage = next((s for s in ls.export_storage.local.list(project=project_id) if s.path == path), None)
+    if storage is None:
+        storage = ls.export_storage.local.create(project=project_id, path=path, title="Annotation journal",
+                                                 can_delete_objects=True)
+        ls.export_storage.local.sync(storage.id)  # annotations made before the journal existed
+        log.info("created the annotation journal (export storage %d) at %s", storage.id, path)
+    return storage.id
+
+
 def wait_sync(ls: LabelStudio, project_id: int, before: int, seconds: float = 30) -> int:
     """Sync may run in the background; wait until the task count settles."""
     deadline, count, stable = time.monotonic() + seconds, before, 0
@@ -144,6 +156,7 @@ def run(settings: Settings) -> dict[str, Any]:
     state["project_id"] = converge_project(ls, settings, state)
     write_state(settings, state)
     state["local_storage_id"] = converge_local_storage(ls, settings, state["project_id"])
+    state["journal_storage_id"] = converge_journal(ls, settings, state["project_id"])
     state["ml_backends"] = {
         role: converge_backend(ls, settings, state["project_id"], backend)
         for role, backend in backends(settings).items()

@@ -89,7 +89,8 @@ class Backend:
         return response.json()["results"]
 
 
-def predict_all(settings: Settings, batch: int | None = None, show_progress: bool = True) -> Summary:
+def predict_all(settings: Settings, batch: int | None = None, show_progress: bool = True,
+                only_unlabeled: bool = False) -> Summary:
     project_id = bootstrap.read_state(settings).get("project_id")
     if not project_id:
         raise BulkError("the project is not bootstrapped yet; start the appliance first")
@@ -98,7 +99,7 @@ def predict_all(settings: Settings, batch: int | None = None, show_progress: boo
     label_config = studio.project(project_id)["label_config"]
     tasks = studio.tasks(project_id)
     done = studio.predicted(project_id, summary.version)
-    pending = [t for t in tasks if t["id"] not in done]
+    pending = [t for t in tasks if t["id"] not in done and not (only_unlabeled and t.get("annotations"))]
     summary.total, summary.skipped = len(tasks), len(tasks) - len(pending)
     batch = batch or settings.predict_batch
     began = time.monotonic()

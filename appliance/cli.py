@@ -43,6 +43,15 @@ def _trainer(args) -> None:
     service.serve(settings)
 
 
+def _train(args) -> None:
+    from appliance import runtime
+    from appliance.trainer import service
+
+    settings = runtime.load()
+    service.request_run(settings, "manual (appliance train)")
+    print("training requested: the trainer starts within seconds; follow it with `appliance status`")
+
+
 def _status(args) -> None:
     from appliance import runtime, status
 
@@ -117,6 +126,7 @@ def parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_run)
     sub.add_parser("bootstrap", help="converge project, storage and ML connections").set_defaults(func=_bootstrap)
     sub.add_parser("trainer", help="the trainer process").set_defaults(func=_trainer)
+    sub.add_parser("train", help="ask the trainer for a run now").set_defaults(func=_train)
     st = sub.add_parser("status", help="processes, project, ML connections, serving model")
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=_status)

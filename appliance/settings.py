@@ -112,6 +112,25 @@ class Settings(BaseSettings):
     label_map: str = Field("", validation_alias=_env("APPLIANCE_LABEL_MAP"),
                            description="Model class to template label, e.g. cat:Animal,dog:Animal "
                                        "(same names map by themselves; predicted_values in the template work too).")
+    train_min_new: int = Field(10, ge=1, le=100000, validation_alias=_env("APPLIANCE_TRAIN_MIN_NEW"),
+                               description="New or changed annotations that start a training run.")
+    train_quiet_seconds: int = Field(600, ge=10, le=604800, validation_alias=_env("APPLIANCE_TRAIN_QUIET_SECONDS"),
+                                     description="Quiet time after which fewer annotations still start a run.")
+    train_epochs: int = Field(30, ge=1, le=1000, validation_alias=_env("APPLIANCE_TRAIN_EPOCHS"),
+                              description="Epochs per training run.")
+    train_img_size: int = Field(320, ge=64, le=2048, validation_alias=_env("APPLIANCE_TRAIN_IMG_SIZE"),
+                                description="Training and inference image size (RTMDet's 640 suits a GPU).")
+    train_threads: int = Field(1, ge=1, le=256, validation_alias=_env("APPLIANCE_TRAIN_THREADS"),
+                               description="CPU threads a training run may use (annotating must stay fluid).")
+    train_arch: Literal["rtmdet-ins-tiny", "rtmdet-ins-s", "mask-rcnn-r50"] = Field(
+        "rtmdet-ins-tiny", validation_alias=_env("APPLIANCE_TRAIN_ARCH"),
+        description="Detector architecture (rtmdet-ins-tiny is the practical CPU choice).")
+    holdout_percent: int = Field(20, ge=1, le=90, validation_alias=_env("APPLIANCE_HOLDOUT_PERCENT"),
+                                 description="Share of tasks held out for evaluation (fixed by task id).")
+    keep_versions: int = Field(5, ge=1, le=1000, validation_alias=_env("APPLIANCE_KEEP_VERSIONS"),
+                               description="Model versions kept in the registry.")
+    repredict: bool = Field(True, validation_alias=_env("APPLIANCE_REPREDICT"),
+                            description="Re-predict unlabeled tasks after a new model is published.")
     image_max_mb: int = Field(50, ge=1, le=2048, validation_alias=_env("APPLIANCE_IMAGE_MAX_MB"),
                               description="Largest image file the backends download.")
     image_max_megapixels: int = Field(100, ge=1, le=1000, validation_alias=_env("APPLIANCE_IMAGE_MAX_MEGAPIXELS"),
@@ -226,6 +245,10 @@ class Settings(BaseSettings):
     @property
     def cache_dir(self) -> Path:
         return self.data / "cache"
+
+    @property
+    def trainer_dir(self) -> Path:
+        return self.data / "trainer"
 
     @property
     def secrets_file(self) -> Path:

@@ -51,8 +51,30 @@ def serving_model(settings: Settings) -> dict[str, Any] | str:
             "message": health.get("message")}
 
 
+def trainer(settings: Settings) -> dict[str, Any]:
+    from appliance.trainer.status import StatusFile
+
+    return StatusFile(settings.trainer_dir / "status.json").read() or {"state": "not started"}
+
+
 def collect(settings: Settings) -> dict[str, Any]:
-    return {"processes": processes(settings), "project": project(settings), "serving_model": serving_model(settings)}
+    return {"processes": processes(settings), "project": project(settings), "serving_model": serving_model(settings),
+            "trainer": trainer(settings)}
+
+
+def render_trainer(run: dict[str, Any]) -> list[str]:
+    lines = ["Trainer:", f"  {run.get('state')}" + (f", {run.get('pending_changes')} annotation(s) waiting"
+                                                    if run.get("pending_changes") else "")]
+    if run.get("state") == "running":
+        eta = f", about {run['eta_s']:.0f} s left" if run.get("eta_s") is not None else ""
+        loss = f", loss {run['loss']:.3f}" if run.get("loss") is not None else ""
+        lines.append(f"  run {run.get('run')} ({run.get('reason')}): {run.get('stage')}, "
+                     f"epoch {run.get('epoch')}/{run.get('max_epochs')}{loss}{eta}")
+    last = run.get("last")
+    if last:
+        detail = last.get("version") or last.get("why") or last.get("error") or ""
+        lines.append(f"  last run {last.get('run')}: {last.get('result')} {detail} ({last.get('seconds')} s)")
+    return lines
 
 
 def render(report: dict[str, Any]) -> str:
@@ -73,6 +95,7 @@ def render(report: dict[str, Any]) -> str:
     lines.append("Serving model:")
     lines.append(f"  {model}" if isinstance(model, str) else
                  f"  {model['model_version']}" + (f" ({model['message']})" if model.get("message") else ""))
+    lines += render_trainer(report["trainer"])
     return "\n".join(lines)
 
 

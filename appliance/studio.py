@@ -85,6 +85,9 @@ def studio_env(settings: Settings) -> dict[str, str]:
         # Show the predictions of the version each connected ML backend serves now (the backend's model_version,
         # refreshed on every health/setup round), not the version pinned in the project when it was created.
         "ff_front_dev_1682_model_version_dropdown_070622_short": "true",
+        # The annotation journal (a Local Files export storage) gets the whole task with its annotations per file,
+        # so the trainer needs no export call to know a task's image.
+        "fflag_feat_optic_650_target_storage_task_format_long": "true",
         **database_env(settings),
     }
 

@@ -68,6 +68,12 @@ class PredictBackend(Backend):
         if req.schema:
             self.schema = req.schema
 
+    def on_event(self, event: str, payload: dict) -> None:
+        if event == "START_TRAINING":  # Label Studio's "Start training" button: the trainer does the work
+            from appliance.trainer.service import request_run
+
+            request_run(self.settings, "Label Studio: Start training")
+
     def versions(self) -> list[str]:
         return [v.version for v in self.slot.registry.list()] or [NO_MODEL]
 

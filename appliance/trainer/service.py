@@ -1,50 +1,249 @@
-"""The trainer process: a watchdog observer on the annotation journal.
+"""The trainer process: annotations in, a better model out, with no one pressing a button.
 
-For now it keeps count of the annotations that arrived since start; the training loop builds on this.
+Watches the annotation journal (and the request folder that `appliance train` and Label Studio's "Start training"
+write to), debounces, then runs one job at a time: dataset -> training subprocess -> evaluation on held-out tasks
+-> publish only if better -> prune -> re-predict unlabeled tasks. Any failure leaves the serving model untouched
+and is reported in ``<data>/trainer/status.json`` (shown by `appliance status`).
 """
 
 from __future__ import annotations
 
+import fcntl
+import json
 import logging
+import os
+import shutil
+import subprocess
+import sys
 import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
-from watchdog.observers import Observer
-
+from appliance import bootstrap
+from appliance.trainer import journal
+from appliance.trainer.schedule import Schedule
+from appliance.trainer.status import StatusFile
 from appliance.settings import Settings
 
 log = logging.getLogger("trainer")
 
 
-class JournalHandler(FileSystemEventHandler):
-    def __init__(self):
-        self.changed: set[str] = set()
-        self.lock = threading.Lock()
+class TrainingFailed(RuntimeError):
+    pass
 
-    def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.is_directory or event.event_type not in ("created", "modified", "moved"):
+
+def request_run(settings: Settings, reason: str) -> Path:
+    """Ask the trainer for a run (manual, or Label Studio's START_TRAINING). Picked up within seconds."""
+    folder = settings.trainer_dir / "requests"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{time.time():.6f}.json"
+    path.write_text(json.dumps({"reason": reason, "at": time.time()}))
+    return path
+
+
+@contextmanager
+def training_lock(settings: Settings) -> Iterator[bool]:
+    """One run at a time, even across containers sharing the registry."""
+    settings.models_dir.mkdir(parents=True, exist_ok=True)
+    with open(settings.models_dir / ".train.lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
             return
-        path = getattr(event, "dest_path", None) or event.src_path
-        with self.lock:
-            self.changed.add(str(path))
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def serve(settings: Settings, stop: threading.Event | None = None) -> None:
-    stop = stop or threading.Event()
-    handler = JournalHandler()
-    observer = Observer()
-    settings.journal_dir.mkdir(parents=True, exist_ok=True)
-    observer.schedule(handler, str(settings.journal_dir), recursive=True)
-    observer.start()
-    log.info("watching %s for submitted annotations", settings.journal_dir)
-    seen = 0
+class Trainer:
+    def __init__(self, settings: Settings, build=None):
+        from appliance.models.registry import ModelRegistry
+        from appliance.trainer.build import build_datasets
+
+        self.settings = settings
+        self.build = build or build_datasets  # (settings, work dir) -> Datasets
+        self.registry = ModelRegistry(settings.models_dir)
+        self.status = StatusFile(settings.trainer_dir / "status.json")
+        self.schedule = Schedule(settings.train_min_new, settings.train_quiet_seconds)
+        self.requests = settings.trainer_dir / "requests"
+        self.wake = threading.Event()
+        self.watcher = journal.JournalWatcher([settings.journal_dir, self.requests], self.wake)
+
+    # --- the loop ------------------------------------------------------------------------------
+    def serve(self, stop: threading.Event | None = None) -> None:
+        stop = stop or threading.Event()
+        self.watcher.start()
+        since = self.status.read().get("last_run_started", 0.0)
+        self.watcher.seed(*journal.changed_since(self.settings.journal_dir, since))
+        log.info("watching %s (run after %d annotation(s) or %d s quiet)", self.settings.journal_dir,
+                 self.settings.train_min_new, self.settings.train_quiet_seconds)
+        while not stop.is_set():
+            self.wake.wait(5)
+            self.wake.clear()
+            self.tick()
+
+    def tick(self) -> dict | None:
+        changed, last_change = self.watcher.pending(self.settings.journal_dir)
+        requests = sorted(self.requests.glob("*.json")) if self.requests.exists() else []
+        self.status.update(pending_changes=changed)
+        reason = self.schedule.due(changed, last_change, bool(requests), time.time())
+        if reason is None:
+            return None
+        for path in requests:
+            path.unlink(missing_ok=True)
+        return self.run(reason)
+
+    # --- one run -------------------------------------------------------------------------------
+    def run(self, reason: str) -> dict:
+        with training_lock(self.settings) as acquired:
+            if not acquired:
+                log.info("a training run is already in progress elsewhere; %s waits", reason)
+                return {"result": "busy"}
+            self.watcher.mark(self.settings.journal_dir)
+            run_id = time.strftime("%Y%m%dT%H%M%S")
+            began = time.time()
+            self.status.update(state="running", run=run_id, reason=reason, stage="dataset", last_run_started=began,
+                               epoch=None, loss=None, eta_s=None, error=None)
+            log.info("run %s started: %s", run_id, reason)
+            try:
+                outcome = self._run(run_id)
+            except Exception as error:  # a failed run never touches the serving model
+                log.error("run %s failed: %s", run_id, error)
+                outcome = {"result": "failed", "error": str(error)}
+            outcome.update(run=run_id, seconds=round(time.time() - began, 1), reason=reason)
+            self.status.update(state="failed" if outcome["result"] == "failed" else "idle", stage=None,
+                               last=outcome, error=outcome.get("error"))
+            log.info("run %s: %s", run_id, json.dumps(outcome))
+            return outcome
+
+    def _run(self, run_id: str) -> dict:
+        work = self.settings.trainer_dir / "runs" / run_id
+        shutil.rmtree(work, ignore_errors=True)
+        try:
+            datasets = self.build(self.settings, work)
+            self.status.update(stage="train", dataset=datasets.summary())
+            metrics = self._train(work, datasets)
+            return self._decide(work / "model", metrics, datasets)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    def _train(self, work: Path, datasets) -> dict:
+        current = self.registry.current()
+        command = [sys.executable, "-m", "appliance.trainer.job", "--train", str(datasets.train),
+                   "--holdout", str(datasets.holdout), "--out", str(work / "model"),
+                   "--classes", ",".join(datasets.labels), "--arch", self.settings.train_arch,
+                   "--epochs", str(self.settings.train_epochs), "--img-size", str(self.settings.train_img_size),
+                   "--threads", str(self.settings.train_threads), "--device", self.settings.device]
+        if current is not None and _same_classes(current.path, datasets.labels):
+            command += ["--init", str(current.path / "weights.pth"), "--current", str(current.path)]
+        elif current is not None:
+            command += ["--current", str(current.path)]
+        env = {**os.environ, "OMP_NUM_THREADS": str(self.settings.train_threads)}
+        return self._follow(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                             env=env))
+
+    def _follow(self, proc: subprocess.Popen) -> dict:
+        metrics, error = None, None
+        stderr_tail: list[str] = []
+        reader = threading.Thread(target=_tail, args=(proc.stderr, stderr_tail), daemon=True)
+        reader.start()
+        last_log = 0.0
+        for line in proc.stdout:
+            event = _json(line)
+            if event is None:
+                continue
+            if event.get("event") == "iter":
+                self.status.update(epoch=event.get("epoch"), max_epochs=event.get("max_epochs"),
+                                   iter=event.get("iter"), max_iters=event.get("max_iters"),
+                                   loss=event.get("loss"), eta_s=event.get("eta_s"))
+                if time.time() - last_log > 15:
+                    last_log = time.time()
+                    log.info("epoch %s/%s iter %s/%s loss %.3f, about %.0f s left", event.get("epoch"),
+                             event.get("max_epochs"), event.get("iter"), event.get("max_iters"),
+                             event.get("loss") or 0, event.get("eta_s") or 0)
+            elif event.get("event") == "metrics":
+                metrics = event
+            elif event.get("event") == "error":
+                error = event.get("error")
+        code = proc.wait()
+        reader.join(5)
+        if code != 0 or metrics is None:
+            detail = error or (stderr_tail[-1] if stderr_tail else f"exit code {code}")
+            raise TrainingFailed(f"training job failed: {detail}")
+        return metrics
+
+    def _decide(self, model_dir: Path, metrics: dict, datasets) -> dict:
+        candidate, current = metrics.get("candidate"), metrics.get("current")
+        serving = self.registry.current()
+        self.status.update(stage="evaluate")
+        if serving is not None and not better(candidate, current):
+            return {"result": "rejected", "candidate": candidate, "serving": current,
+                    "why": "not better than the serving model on the held-out tasks" if candidate else
+                           "no held-out annotations to prove it better"}
+        self.status.update(stage="publish")
+        version = self.registry.publish(model_dir, {**(candidate or {}), "baseline": current,
+                                                    **datasets.summary()})
+        self.registry.prune(self.settings.keep_versions)
+        outcome = {"result": "published", "version": version, "candidate": candidate, "previous": current}
+        if self.settings.repredict:
+            self.status.update(stage="repredict")
+            outcome["repredicted"] = self._repredict(version)
+        return outcome
+
+    def _repredict(self, version: str) -> int | str:
+        from appliance import bulk_predict
+
+        deadline = time.time() + 120
+        backend = bulk_predict.Backend(self.settings)
+        while time.time() < deadline:
+            try:
+                if backend.version() == version:
+                    summary = bulk_predict.predict_all(self.settings, show_progress=False, only_unlabeled=True)
+                    return summary.predicted
+            except Exception as error:  # the new model serves even if re-prediction cannot run now
+                last = str(error)
+            time.sleep(1)
+        return f"skipped: prediction backend did not serve {version} ({locals().get('last', 'timeout')})"
+
+
+def better(candidate: dict | None, current: dict | None) -> bool:
+    """Strictly better segmentation mAP on the same held-out tasks (bbox mAP breaks a tie)."""
+    if candidate is None or current is None:
+        return candidate is not None and current is None
+    key = lambda m: (round(m.get("segm_mAP", 0.0), 4), round(m.get("bbox_mAP", 0.0), 4))  # noqa: E731
+    return key(candidate) > key(current)
+
+
+def _same_classes(model_dir: Path, labels: list[str]) -> bool:
     try:
-        while not stop.wait(5):
-            with handler.lock:
-                count = len(handler.changed)
-            if count != seen:
-                log.info("%d annotation file(s) changed since start", count)
-                seen = count
-    finally:
-        observer.stop()
-        observer.join()
+        return json.loads((model_dir / "classes.json").read_text()) == labels
+    except (OSError, ValueError):
+        return False
+
+
+def _json(line: str) -> dict | None:
+    line = line.strip()
+    if not line.startswith("{"):
+        return None
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None
+
+
+def _tail(stream, keep: list[str], limit: int = 50) -> None:
+    for line in stream:
+        sys.stdout.write(line)  # the job's own log goes to the trainer's output
+        keep.append(line.strip())
+        del keep[:-limit]
+
+
+def serve(settings: Settings) -> None:
+    bootstrap_state = bootstrap.read_state(settings)
+    if not bootstrap_state.get("project_id"):
+        log.info("waiting for the bootstrap to create the project")
+    Trainer(settings).serve()

@@ -1,0 +1,72 @@
+"""The datasets of one run: the journal's tasks, split by task id into train and held-out COCO sets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+from appliance import bootstrap
+from appliance.backends import labeling
+from appliance.backends.images import ImageFetcher
+from appliance.settings import Settings
+from appliance.trainer import journal
+from appliance.trainer.dataset import DatasetInfo, build_dataset
+
+LABEL_TAGS = ("BrushLabels", "PolygonLabels", "RectangleLabels")
+
+
+class DatasetError(RuntimeError):
+    pass
+
+
+@dataclass
+class Datasets:
+    train: Path
+    holdout: Path
+    labels: list[str]
+    train_info: DatasetInfo
+    holdout_info: DatasetInfo
+
+    def summary(self) -> dict:
+        return {"train_images": self.train_info.images, "train_objects": self.train_info.objects,
+                "holdout_images": self.holdout_info.images, "holdout_objects": self.holdout_info.objects,
+                "skipped_tasks": len(self.train_info.skipped) + len(self.holdout_info.skipped)}
+
+
+def project_spec(settings: Settings) -> labeling.LabelingSpec:
+    project_id = bootstrap.read_state(settings).get("project_id")
+    if not project_id:
+        raise DatasetError("the project does not exist yet (the bootstrap has not run)")
+    response = requests.get(f"{settings.studio_base_url}/api/projects/{project_id}", timeout=30,
+                            headers={"Authorization": f"Token {settings.secret('api_key')}"})
+    response.raise_for_status()
+    return labeling.parse(response.json()["label_config"])
+
+
+def model_labels(spec: labeling.LabelingSpec) -> list[str]:
+    labels: list[str] = []
+    for tag in LABEL_TAGS:
+        for label in spec.labels.get(spec.controls.get(tag, ""), ()):
+            if label not in labels:
+                labels.append(label)
+    if not labels:
+        raise DatasetError("the template has no BrushLabels, PolygonLabels or RectangleLabels to learn")
+    return labels
+
+
+def build_datasets(settings: Settings, work: Path) -> Datasets:
+    tasks = journal.read_tasks(settings.journal_dir)
+    spec = project_spec(settings)
+    labels = model_labels(spec)
+    fetcher = ImageFetcher(settings.studio_base_url, settings.secret("api_key"), settings.allowed_hosts,
+                           settings.image_max_mb * 1024 * 1024)
+    common = dict(labels=labels, fetch=fetcher.fetch, holdout_percent=settings.holdout_percent,
+                  image_cache=settings.cache_dir / "images", image_key=spec.image_key,
+                  max_pixels=settings.image_max_megapixels * 1_000_000)
+    train = build_dataset(tasks, out_dir=work / "train", split="train", **common)
+    holdout = build_dataset(tasks, out_dir=work / "holdout", split="holdout", **common)
+    if train.objects == 0:
+        raise DatasetError(f"no annotated objects in the training split yet ({len(tasks)} task(s) in the journal)")
+    return Datasets(work / "train", work / "holdout", labels, train, holdout)

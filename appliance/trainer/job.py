@@ -1,0 +1,68 @@
+"""One training job, run by the trainer in a subprocess (threads bounded, GPU memory released when it exits).
+
+    python -m appliance.trainer.job --train D --holdout H --out O --classes a,b [--init W] [--current C] ...
+
+Prints JSON lines on stdout: {"event": "iter", epoch, iter, loss, eta_s, ...} during training, then
+{"event": "metrics", "candidate": {...}, "current": {...} | null}. Exit code non-zero on failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def emit(event: dict) -> None:
+    print(json.dumps(event), flush=True)
+
+
+def holdout_metrics(model_dir: Path, holdout: Path, device: str, img_size: int | None) -> dict | None:
+    from appliance.models.detection.evaluate import evaluate
+    from appliance.models.detection.model import Detector
+
+    annotations = holdout / "annotations.json"
+    if not annotations.exists() or not json.loads(annotations.read_text()).get("images"):
+        return None
+    return evaluate(Detector(model_dir, device=device, score_threshold=0.05), annotations, holdout / "images")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--train", type=Path, required=True)
+    parser.add_argument("--holdout", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--classes", required=True)
+    parser.add_argument("--init", type=Path)
+    parser.add_argument("--current", type=Path)
+    parser.add_argument("--arch", default="rtmdet-ins-tiny")
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--img-size", type=int, default=320)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from appliance.models.detection.train import train
+
+    train(args.train, args.classes.split(","), args.out, arch=args.arch, init_weights=args.init,
+          epochs=args.epochs, batch_size=args.batch_size, threads=args.threads, img_size=args.img_size,
+          device=args.device, progress=emit)
+    candidate = holdout_metrics(args.out, args.holdout, args.device, args.img_size)
+    current = holdout_metrics(args.current, args.holdout, args.device, args.img_size) if args.current else None
+    emit({"event": "metrics", "candidate": candidate, "current": current})
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except Exception as error:  # one line for the trainer's status; the traceback goes to the log
+        import traceback
+
+        traceback.print_exc(file=sys.stderr)
+        emit({"event": "error", "error": f"{type(error).__name__}: {error}"})
+        raise SystemExit(1) from None

@@ -1,0 +1,122 @@
+"""The trainer's run: real training subprocess, real evaluation, publish only if better, failures reported.
+
+Datasets come from the synthetic generator through the trainer's build seam (the Label Studio path of the
+dataset builder is covered by test_trainer_dataset.py and the end-to-end test in test_trainer_service.py).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+
+from appliance.models.registry import ModelRegistry
+from appliance.settings import load_settings
+from appliance.trainer.build import Datasets
+from appliance.trainer.dataset import DatasetInfo
+from appliance.trainer.schedule import Schedule
+from appliance.trainer.service import Trainer, better, training_lock
+from synthetic import make_dataset
+
+LABELS = ["circle", "rectangle"]
+
+
+def test_schedule_debounces_and_coalesces():
+    schedule = Schedule(min_new=5, quiet_seconds=60)
+    assert schedule.due(0, None, False, 1000) is None
+    assert schedule.due(3, 990, False, 1000) is None  # a burst in progress: wait
+    assert schedule.due(3, 930, False, 1000) is not None  # quiet long enough
+    assert schedule.due(5, 999, False, 1000) is not None  # enough annotations
+    assert schedule.due(0, None, True, 1000) == "requested"
+
+
+def test_one_run_at_a_time(tmp_path):
+    settings = load_settings({"APPLIANCE_DATA_DIR": str(tmp_path)})
+    inside, release, second = threading.Event(), threading.Event(), []
+
+    def first():
+        with training_lock(settings) as acquired:
+            assert acquired
+            inside.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    inside.wait(10)
+    with training_lock(settings) as acquired:
+        second.append(acquired)
+    release.set()
+    thread.join()
+    assert second == [False]
+
+
+def test_better_is_strict():
+    assert better({"segm_mAP": 0.5, "bbox_mAP": 0.4}, {"segm_mAP": 0.4, "bbox_mAP": 0.9})
+    assert not better({"segm_mAP": 0.4, "bbox_mAP": 0.4}, {"segm_mAP": 0.4, "bbox_mAP": 0.4})
+    assert not better({"segm_mAP": 0.1, "bbox_mAP": 0.1}, {"segm_mAP": 0.4, "bbox_mAP": 0.4})
+    assert better({"segm_mAP": 0.0, "bbox_mAP": 0.0}, None)
+    assert not better(None, {"segm_mAP": 0.4})
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("shapes")
+    make_dataset(root / "train", 8, LABELS, seed=5)
+    make_dataset(root / "holdout", 4, LABELS, seed=6)
+    return root / "train", root / "holdout"
+
+
+def synthetic_build(train: Path, holdout: Path):
+    def build(settings, work):
+        info = DatasetInfo(images=8, objects=1)
+        return Datasets(train, holdout, LABELS, info, DatasetInfo(images=4, objects=1))
+    return build
+
+
+def trainer_for(tmp_path: Path, build) -> Trainer:
+    settings = load_settings({"APPLIANCE_DATA_DIR": str(tmp_path), "APPLIANCE_TRAIN_EPOCHS": "1",
+                              "APPLIANCE_TRAIN_IMG_SIZE": "160", "APPLIANCE_REPREDICT": "false"})
+    return Trainer(settings, build=build)
+
+
+def test_first_model_is_published_with_its_metrics_and_progress(tmp_path, shapes):
+    trainer = trainer_for(tmp_path, synthetic_build(*shapes))
+    outcome = trainer.run("test")
+    assert outcome["result"] == "published", outcome
+    current = ModelRegistry(tmp_path / "models").current()
+    assert current.version == outcome["version"]
+    assert {"segm_mAP", "bbox_mAP", "train_images"} <= set(current.metrics)
+    status = trainer.status.read()
+    assert status["state"] == "idle" and status["last"]["result"] == "published"
+    assert status["max_epochs"] == 1 and status["loss"] is not None and status["eta_s"] is not None
+
+
+def test_worse_candidate_is_not_published(tmp_path, shapes):
+    registry = ModelRegistry(tmp_path / "models")
+    trainer = trainer_for(tmp_path, synthetic_build(*shapes))
+    assert trainer.run("first")["result"] == "published"
+    serving = registry.current().version
+    # Evaluate the serving model for real, then ask the decision about a candidate scoring below it.
+    outcome = trainer._decide(tmp_path / "nowhere", {"candidate": {"segm_mAP": -1.0, "bbox_mAP": -1.0},
+                                                     "current": registry.current().metrics}, None)
+    assert outcome["result"] == "rejected" and registry.current().version == serving
+    assert len(registry.list()) == 1
+
+
+def test_crash_in_training_leaves_serving_intact_and_is_reported(tmp_path, shapes):
+    registry = ModelRegistry(tmp_path / "models")
+    good = trainer_for(tmp_path, synthetic_build(*shapes))
+    serving = good.run("first")["version"]
+    broken = tmp_path / "broken"
+    (broken / "images").mkdir(parents=True)
+    (broken / "annotations.json").write_text(json.dumps({"images": [{"id": 1, "file_name": "missing.png",
+                                                                      "width": 64, "height": 64}],
+                                                         "annotations": [], "categories": []}))
+    crashing = trainer_for(tmp_path, synthetic_build(broken, shapes[1]))
+    outcome = crashing.run("crash")
+    assert outcome["result"] == "failed" and "training job failed" in outcome["error"]
+    assert registry.current().version == serving and len(registry.list()) == 1
+    status = crashing.status.read()
+    assert status["state"] == "failed" and status["error"] == outcome["error"]
