@@ -2,6 +2,7 @@
 # Both install what they need on first use (two venvs under .venv/, see scripts/install.sh).
 VENV := .venv
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.test-tools
 APPLIANCE := $(VENV)/app/bin/appliance
 
 .PHONY: demo test install browser bench clean
@@ -10,12 +11,16 @@ $(STAMP): pyproject.toml requirements/app.lock requirements/studio.lock requirem
 	scripts/install.sh $(abspath $(VENV)) --editable
 	touch $(STAMP)
 
+$(TEST_STAMP): scripts/install-test-tools.sh
+	scripts/install-test-tools.sh
+	touch $(TEST_STAMP)
+
 install: $(STAMP)
 
 demo: $(STAMP)
 	$(APPLIANCE) demo
 
-test: $(STAMP)
+test: $(STAMP) $(TEST_STAMP)
 	OMP_WAIT_POLICY=PASSIVE $(VENV)/app/bin/python -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
