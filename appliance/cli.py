@@ -62,7 +62,18 @@ def _model(args) -> None:
     from appliance import runtime
     from appliance.models.registry import ModelRegistry, UnknownVersionError
 
-    registry = ModelRegistry(runtime.load().models_dir)
+    settings = runtime.load()
+    registry = ModelRegistry(settings.models_dir)
+    if args.action == "import":
+        from appliance.models.detection.pretrained import import_pretrained, resolve_classes
+
+        try:
+            version = import_pretrained(Path(args.weights), registry, resolve_classes(args.classes),
+                                        args.arch or settings.train_arch)
+        except (OSError, ValueError, RuntimeError) as error:
+            raise SystemExit(f"error: {error}") from None
+        print(f"published {args.weights} as {version}")
+        return
     if args.action == "use":
         try:
             info = registry.use(args.version)
@@ -135,6 +146,10 @@ def parser() -> argparse.ArgumentParser:
     model_sub.add_parser("list", help="versions with their metrics; * marks the serving one")
     use = model_sub.add_parser("use", help="make VERSION the serving model (rollback)")
     use.add_argument("version")
+    imp = model_sub.add_parser("import", help="publish pretrained MMDetection weights as a version")
+    imp.add_argument("--weights", required=True, help="a .pth checkpoint (e.g. a COCO-pretrained RTMDet-Ins)")
+    imp.add_argument("--classes", default="coco", help="coco, or a comma list of class names")
+    imp.add_argument("--arch", default=None, help="rtmdet-ins-tiny (default), rtmdet-ins-s, mask-rcnn-r50")
     model.set_defaults(func=_model)
     pred = sub.add_parser("predict", help="pre-annotate every task with the serving model (resumable)")
     pred.add_argument("--all", action="store_true", required=True, help="every task of the project")

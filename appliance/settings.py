@@ -105,6 +105,11 @@ class Settings(BaseSettings):
                               description="Memory for cached image embeddings (MobileSAM: 4 MB per image).")
     sam_prefetch: int = Field(3, ge=0, le=100, validation_alias=_env("APPLIANCE_SAM_PREFETCH"),
                               description="Unlabeled tasks whose embeddings are computed ahead of the annotator.")
+    detector_weights: Path | None = Field(None, validation_alias=_env("APPLIANCE_DETECTOR_WEIGHTS"),
+                                          description="Pretrained MMDetection weights (.pth) to serve until the "
+                                                      "trainer publishes a better model.")
+    detector_classes: str = Field("coco", validation_alias=_env("APPLIANCE_DETECTOR_CLASSES"),
+                                  description="Classes of APPLIANCE_DETECTOR_WEIGHTS: coco, or a comma list.")
     score_threshold: float = Field(0.3, ge=0, le=1, validation_alias=_env("APPLIANCE_SCORE_THRESHOLD"),
                                    description="Detections below this score are not pre-annotated.")
     predict_batch: int = Field(4, ge=1, le=256, validation_alias=_env("APPLIANCE_PREDICT_BATCH"),
@@ -140,6 +145,11 @@ class Settings(BaseSettings):
                                                  "(Label Studio and presigned storage URLs are always allowed).")
     ready_timeout: float = Field(300.0, gt=0, validation_alias=_env("APPLIANCE_READY_TIMEOUT"),
                                  description="Seconds the bootstrap waits for Label Studio and the backends.")
+
+    @field_validator("sam_checkpoint", "detector_weights", "label_config_file", "images_dir", mode="before")
+    @classmethod
+    def _empty_path_is_unset(cls, value):
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("roles")
     @classmethod

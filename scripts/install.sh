@@ -28,6 +28,9 @@ if [ "$editable" = "--editable" ]; then target=(-e "$root[test]"); else target=(
 "$prefix/app/bin/pip" uninstall "${pip_quiet[@]}" -y opencv-python opencv-python-headless >/dev/null
 "$prefix/app/bin/pip" install "${pip_quiet[@]}" --no-deps -c "$root/requirements/app.lock" opencv-python-headless
 
-step "migrated Label Studio database template"
-"$prefix/app/bin/appliance" build-template --output "$prefix/studio-template.sqlite3"
+template="$prefix/studio-template.sqlite3"
+if [ ! -f "$template" ] || [ "$root/requirements/studio.lock" -nt "$template" ]; then
+  step "migrated Label Studio database template"
+  "$prefix/app/bin/appliance" build-template --output "$template"
+fi
 step "done"

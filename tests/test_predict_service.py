@@ -165,3 +165,37 @@ def test_model_list_and_rollback(appliance, tiny_models):
     assert current != older
     bad = cli(appliance, "model", "use", "v9999-nope")
     assert bad.returncode != 0 and "v9999-nope" in bad.stderr
+
+
+def test_broken_version_never_replaces_a_working_one(appliance, tiny_models, tmp_path):
+    if serving(appliance) == "no-model":
+        publish(appliance, tiny_models[0])
+    working = serving(appliance)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("config.py", "classes.json"):
+        (broken / name).write_bytes((tiny_models[0] / name).read_bytes())
+    (broken / "weights.pth").write_bytes(b"not a checkpoint")
+    from appliance.models.registry import ModelRegistry
+
+    bad = ModelRegistry(appliance.data_dir / "models").publish(broken, {})
+    url, auth = backend(appliance)
+    deadline = time.time() + 60
+    while bad not in str(requests.get(f"{url}/health", auth=auth, timeout=5).json().get("error")):
+        assert time.time() < deadline, "the backend did not report the broken version"
+        time.sleep(0.5)
+    assert serving(appliance) == working
+    assert cli(appliance, "model", "use", working).returncode == 0
+
+
+def test_pretrained_weights_import_as_a_version(appliance, tiny_models):
+    out = cli(appliance, "model", "import", "--weights", str(tiny_models[1] / "weights.pth"),
+              "--classes", ",".join(CLASSES))
+    assert out.returncode == 0, out.stderr[-2000:]
+    version = out.stdout.split()[-1]
+    deadline = time.time() + 120
+    while serving(appliance) != version:
+        assert time.time() < deadline, f"backend did not serve the imported {version}"
+        time.sleep(0.5)
+    missing = cli(appliance, "model", "import", "--weights", "/nonexistent.pth")
+    assert missing.returncode != 0 and "not found" in missing.stderr

@@ -40,7 +40,8 @@ class ModelSlot:
         self.load = load  # VersionInfo -> model
         self.poll_seconds = poll_seconds
         self.serving: Serving | None = None
-        self.error: str | None = None
+        self.error: str | None = None  # why the registry's current version does not serve, for /health
+        self.failed: str | None = None  # that version: not retried until current changes
         self.loading: str | None = None
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -66,7 +67,7 @@ class ModelSlot:
         """Load and serve the registry's current version if it is not the one serving."""
         current = self.registry.current()
         serving = self.serving
-        if current is None or (serving and serving.version == current.version) or self.error == current.version:
+        if current is None or (serving and serving.version == current.version) or self.failed == current.version:
             return
         self.loading = current.version
         try:
@@ -74,11 +75,11 @@ class ModelSlot:
         except Exception as error:  # a broken version never replaces a working one
             log.error("version %s cannot be loaded, still serving %s: %s", current.version,
                       serving.version if serving else "nothing", error)
-            self.error = current.version
+            self.failed, self.error = current.version, f"version {current.version} cannot be loaded: {error}"
             return
         finally:
             self.loading = None
         with self._lock:
             self.serving = Serving(current.version, model)
-        self.error = None
+        self.failed = self.error = None
         log.info("now serving %s (was %s)", current.version, serving.version if serving else "nothing")

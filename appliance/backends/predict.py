@@ -9,6 +9,7 @@ with no model in the registry it answers with none and says so in /health.
 from __future__ import annotations
 
 import logging
+import threading
 
 import numpy as np
 
@@ -46,6 +47,20 @@ class PredictBackend(Backend):
 
     def start(self) -> None:
         self.slot.start()
+        if self.settings.detector_weights and self.slot.registry.current() is None:
+            threading.Thread(target=self._seed_pretrained, name="pretrained", daemon=True).start()
+
+    def _seed_pretrained(self) -> None:
+        """First boot with APPLIANCE_DETECTOR_WEIGHTS: serve them until the trainer publishes a better model."""
+        from appliance.models.detection.pretrained import import_pretrained, resolve_classes
+
+        try:
+            version = import_pretrained(self.settings.detector_weights, self.slot.registry,
+                                        resolve_classes(self.settings.detector_classes), self.settings.train_arch)
+            log.info("pretrained weights %s published as %s", self.settings.detector_weights.name, version)
+        except Exception as error:  # the backend stays up and says so
+            self.slot.error = f"APPLIANCE_DETECTOR_WEIGHTS: {error}"
+            log.error("APPLIANCE_DETECTOR_WEIGHTS could not be used: %s", error)
 
     @property
     def ready(self) -> bool:
@@ -62,7 +77,7 @@ class PredictBackend(Backend):
                        "(or set APPLIANCE_DETECTOR_WEIGHTS)")
         else:
             message = None
-        return {"message": message, "loading": self.slot.loading, "failed_version": self.slot.error}
+        return {"message": message, "loading": self.slot.loading, "error": self.slot.error}
 
     def setup(self, req: SetupRequest) -> None:
         if req.schema:
