@@ -16,7 +16,7 @@ from typing import Any
 
 from label_studio_sdk.client import LabelStudio
 
-from appliance import studio_api, template
+from appliance import gcs_bootstrap, studio_api, template
 from appliance.settings import Settings
 
 log = logging.getLogger("bootstrap")
@@ -161,6 +161,9 @@ def run(settings: Settings) -> dict[str, Any]:
         role: converge_backend(ls, settings, state["project_id"], backend)
         for role, backend in backends(settings).items()
     }
+    write_state(settings, state)
+    # Cloud storages last: a wrong bucket or key must not keep the ML connections from being made.
+    state.update(gcs_bootstrap.converge(ls, settings, state))  # raises gcs.GcsError: one line, exit 2
     state["bootstrapped_at"] = time.time()
     write_state(settings, state)
     log.info("bootstrap done in %.1f s: project %d ready", time.monotonic() - started, state["project_id"])

@@ -23,13 +23,18 @@ def _run(args) -> None:
 
 def _bootstrap(args) -> None:
     from appliance import bootstrap, runtime
+    from appliance.gcs import GcsError
     from appliance.template import TemplateError
 
     settings = runtime.load()
     runtime.setup_logging(settings)
     try:
         bootstrap.run(settings)
-    except (TemplateError, TimeoutError) as error:
+    except (TemplateError, GcsError) as error:
+        # A configuration problem: retrying cannot help, so exit 2, which supervisord accepts without a restart.
+        print(f"bootstrap failed: {error}", flush=True)
+        raise SystemExit(2) from None
+    except TimeoutError as error:
         print(f"bootstrap failed: {error}", flush=True)
         raise SystemExit(1) from None
 
@@ -103,6 +108,30 @@ def _predict(args) -> None:
         print(f"  failed: {line}")
 
 
+def _import(args) -> None:
+    from appliance import manifest, runtime
+
+    settings = runtime.load()
+    try:
+        summary = manifest.import_manifest(settings, args.manifest, batch=args.batch)
+    except manifest.ManifestError as error:
+        raise SystemExit(f"error: {error}") from None
+    print(f"{summary.created} task(s) created from {summary.rows} manifest row(s) in {summary.seconds:.1f} s; "
+          f"{summary.skipped} already in the project")
+    for line in summary.warnings:
+        print(f"  warning: {line}")
+
+
+def _gcs(args) -> None:
+    from appliance import gcs, runtime
+
+    try:
+        names = gcs.configure_cors(runtime.load())
+    except gcs.GcsError as error:
+        raise SystemExit(f"error: {error}") from None
+    print(f"CORS rule set on {', '.join(names)}: {gcs.CORS_RULE}")
+
+
 def _credentials(args) -> None:
     from appliance import runtime
 
@@ -155,6 +184,14 @@ def parser() -> argparse.ArgumentParser:
     pred.add_argument("--all", action="store_true", required=True, help="every task of the project")
     pred.add_argument("--batch", type=int, default=None, help="tasks per backend call")
     pred.set_defaults(func=_predict)
+    imp = sub.add_parser("import", help="create tasks from a CSV or JSON manifest (no duplicates on re-run)")
+    imp.add_argument("--manifest", required=True, help="a local file or gs://bucket/path (.csv or .json)")
+    imp.add_argument("--batch", type=int, default=500, help="tasks per import request")
+    imp.set_defaults(func=_import)
+    gcs = sub.add_parser("gcs", help="Google Cloud Storage setup")
+    gcs.add_subparsers(dest="action", required=True).add_parser(
+        "cors", help="let browsers load images from the source and target buckets (one-time)")
+    gcs.set_defaults(func=_gcs)
     sub.add_parser("credentials", help="print the admin login, password and API key").set_defaults(func=_credentials)
     bt = sub.add_parser("build-template", help="migrate an empty Label Studio database (install time)")
     bt.add_argument("--output", required=True)

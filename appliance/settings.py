@@ -7,15 +7,50 @@ Every field has a default that serves the offline demo; secrets left unset are g
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
+import re
 import sys
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ROLES = ("studio", "sam", "predict", "train")
+GCS_IMAGE_REGEX = r"(?i).*\.(jpe?g|png|bmp|gif|tiff?|webp)$"
+
+
+def bucket_name_problem(name: str) -> str | None:
+    """Why ``name`` is not a valid GCS bucket name (Google's naming rules), or None."""
+    if name.startswith("gs://") or "/" in name:
+        return "give the bucket name alone, without gs:// or a folder (the folder goes in the _PREFIX variable)"
+    if not re.fullmatch(r"[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]", name):
+        return "must be 3 to 63 lowercase letters, digits, '-', '_' or '.', starting and ending with a letter or digit"
+    if ".." in name:
+        return "cannot contain '..'"
+    if any(len(part) > 63 for part in name.split(".")):
+        return "is too long: at most 63 characters (222 with dots, at most 63 between two dots)"
+    if re.fullmatch(r"\d+\.\d+\.\d+\.\d+", name):
+        return "cannot look like an IP address"
+    if name.startswith("goog") or "google" in name or "g00gle" in name:
+        return "cannot start with 'goog' or contain 'google'"
+    return None
+
+
+def service_account_info(text: str) -> dict:
+    """Parse a service-account key (JSON text); ValueError with a message that never quotes the key."""
+    try:
+        info = json.loads(text)
+    except ValueError:
+        raise ValueError("is not valid JSON (give a service-account key file's content)") from None
+    needed = ("client_email", "private_key", "token_uri")
+    if not isinstance(info, dict) or info.get("type") != "service_account" or not all(info.get(k) for k in needed):
+        raise ValueError("must be a service-account key: JSON with type service_account, client_email, private_key "
+                         "and token_uri")
+    return info
 
 
 def _env(*names: str) -> AliasChoices:
@@ -145,6 +180,110 @@ class Settings(BaseSettings):
                                                  "(Label Studio and presigned storage URLs are always allowed).")
     ready_timeout: float = Field(300.0, gt=0, validation_alias=_env("APPLIANCE_READY_TIMEOUT"),
                                  description="Seconds the bootstrap waits for Label Studio and the backends.")
+
+    # --- Google Cloud Storage (off while both buckets are empty) -----------------------------
+    gcs_source_bucket: str = Field("", validation_alias=_env("APPLIANCE_GCS_SOURCE_BUCKET"),
+                                   description="GCS bucket of the images (name only): a GCS import storage over it.")
+    gcs_source_prefix: str = Field("", validation_alias=_env("APPLIANCE_GCS_SOURCE_PREFIX"),
+                                   description="Folder (object name prefix) of the images in the source bucket.")
+    gcs_source_filter: str = Field(GCS_IMAGE_REGEX, validation_alias=_env("APPLIANCE_GCS_SOURCE_FILTER"),
+                                   description="Regular expression object names must match to become tasks.")
+    gcs_target_bucket: str = Field("", validation_alias=_env("APPLIANCE_GCS_TARGET_BUCKET"),
+                                   description="GCS bucket that receives every submitted annotation as a JSON object.")
+    gcs_target_prefix: str = Field("", validation_alias=_env("APPLIANCE_GCS_TARGET_PREFIX"),
+                                   description="Folder (object name prefix) of the annotations in the target bucket.")
+    gcp_project: str = Field("", validation_alias=_env("APPLIANCE_GCP_PROJECT"),
+                             description="Google Cloud project id (default: the one in the credentials).")
+    gcs_credentials_file: Path | None = Field(None, validation_alias=_env("GOOGLE_APPLICATION_CREDENTIALS"),
+                                              description="Service-account key file (JSON) for GCS.")
+    gcs_credentials_json: SecretStr | None = Field(None, validation_alias=_env("APPLIANCE_GCS_CREDENTIALS_JSON"),
+                                                   description="Service-account key as a JSON string (wins over "
+                                                               "the file).")
+    gcs_credentials_base64: SecretStr | None = Field(
+        None, validation_alias=_env("GOOGLE_APPLICATION_CREDENTIALS_BASE64"),
+        description="Service-account key JSON, base64-encoded. With no key at all, a GCE VM's metadata server "
+                    "is used.")
+    gcs_presign: bool = Field(True, validation_alias=_env("APPLIANCE_GCS_PRESIGN"),
+                              description="Browsers load images through signed URLs (false: Label Studio proxies "
+                                          "them).")
+    gcs_presign_ttl_minutes: int = Field(60, ge=1, le=10080, validation_alias=_env("APPLIANCE_GCS_PRESIGN_TTL_MINUTES"),
+                                         description="Lifetime of a signed image URL, in minutes.")
+    storage_emulator_host: str = Field("", validation_alias=_env("STORAGE_EMULATOR_HOST"),
+                                       description="GCS emulator URL, e.g. http://127.0.0.1:4443 (tests, offline "
+                                                   "demos).")
+
+    @field_validator("gcs_source_bucket", "gcs_target_bucket")
+    @classmethod
+    def _bucket_name(cls, value: str) -> str:
+        value = value.strip()
+        problem = bucket_name_problem(value) if value else None
+        if problem:
+            raise ValueError(problem)
+        return value
+
+    @field_validator("gcs_source_prefix", "gcs_target_prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        return value.strip().lstrip("/")
+
+    @field_validator("gcs_source_filter")
+    @classmethod
+    def _regex(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as error:
+            raise ValueError(f"is not a valid regular expression ({error})") from None
+        return value
+
+    @field_validator("gcs_credentials_file", mode="before")
+    @classmethod
+    def _key_file(cls, value, info: ValidationInfo):
+        if not isinstance(value, (str, Path)) or not str(value).strip():
+            return None
+        if not (info.data.get("gcs_source_bucket") or info.data.get("gcs_target_bucket")):
+            return Path(value)  # not ours to judge while GCS is off (gcloud may use it)
+        try:
+            text = Path(value).read_text()
+        except OSError as error:
+            raise ValueError(f"cannot read the key file ({error.strerror})") from None
+        service_account_info(text)
+        return Path(value)
+
+    @field_validator("gcs_credentials_json", "gcs_credentials_base64")
+    @classmethod
+    def _key_text(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        if value is None or not value.get_secret_value().strip():
+            return None
+        text = value.get_secret_value()
+        if info.field_name == "gcs_credentials_base64":
+            raw = "".join(text.split()).replace("-", "+").replace("_", "/")
+            try:
+                text = base64.b64decode(raw + "=" * (-len(raw) % 4), validate=True).decode()
+            except (binascii.Error, ValueError):
+                raise ValueError("is not valid base64 (encode the key file with `base64 -w0 key.json`)") from None
+        service_account_info(text)
+        return SecretStr(text)
+
+    @field_validator("storage_emulator_host")
+    @classmethod
+    def _emulator(cls, value: str) -> str:
+        if value and (urlsplit(value).scheme not in ("http", "https") or not urlsplit(value).hostname):
+            raise ValueError("must be the emulator's URL, e.g. http://127.0.0.1:4443")
+        return value.rstrip("/")
+
+    @property
+    def gcs_enabled(self) -> bool:
+        return bool(self.gcs_source_bucket or self.gcs_target_bucket)
+
+    @property
+    def gcs_key_json(self) -> str | None:
+        """The service-account key (JSON text) from the first variable that holds one, else None."""
+        for value in (self.gcs_credentials_json, self.gcs_credentials_base64):
+            if value is not None:
+                return value.get_secret_value()
+        if self.gcs_enabled and self.gcs_credentials_file is not None:
+            return self.gcs_credentials_file.read_text()
+        return None
 
     @field_validator("sam_checkpoint", "detector_weights", "label_config_file", "images_dir", mode="before")
     @classmethod

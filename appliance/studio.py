@@ -89,7 +89,21 @@ def studio_env(settings: Settings) -> dict[str, str]:
         # so the trainer needs no export call to know a task's image.
         "fflag_feat_optic_650_target_storage_task_format_long": "true",
         **database_env(settings),
+        **gcs_env(settings),
     }
+
+
+def gcs_env(settings: Settings) -> dict[str, str]:
+    """GCS storages: an emulator when one is set; the VM's service account signs URLs when no key is given."""
+    env = {}
+    if settings.storage_emulator_host:
+        env["STORAGE_EMULATOR_HOST"] = settings.storage_emulator_host
+        # Unsigned (presign=false) images are proxied by Label Studio from this URL.
+        env["LABEL_STUDIO_RESOLVER_PROXY_GCS_DOWNLOAD_URL"] = (
+            settings.storage_emulator_host + "/download/storage/v1/b/{bucket_name}/o/{blob_name}?alt=media")
+    elif settings.gcs_enabled and not settings.gcs_key_json:
+        env["GCS_CLOUD_STORAGE_FORCE_DEFAULT_CREDENTIALS"] = "true"
+    return env
 
 
 def gunicorn_command(settings: Settings) -> list[str]:

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# System tools the test suite uses and Debian packages: shellcheck (deploy script lint).
+# System tools the test suite uses, from Debian's packages: shellcheck (deploy script lint) and Chromium (the
+# browser test drives Debian's Chromium with Playwright; Playwright's own browser download is not used).
 set -euo pipefail
 missing=()
 command -v shellcheck >/dev/null || missing+=(shellcheck)
+command -v chromium >/dev/null || missing+=(chromium)
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ]; then
   echo "[install] please install: ${missing[*]} (apt-get install -y ${missing[*]})" >&2

@@ -96,8 +96,9 @@ class Prefetcher:
             self._warm_task(job[1])
 
     def _next_tasks(self, project_id: str, task_id: int | None) -> list[dict]:
+        # Raw task data: a gs:// image must stay a URI (presigned by Label Studio on fetch), not a signed URL.
         params = {"project": project_id, "page_size": self.settings.sam_prefetch, "fields": "all",
-                  "query": json.dumps(unlabeled_after(task_id))}
+                  "resolve_uri": "false", "query": json.dumps(unlabeled_after(task_id))}
         response = self.session.get(f"{self.settings.studio_base_url}/api/tasks", params=params, timeout=10)
         response.raise_for_status()
         if self.spec is None:
