@@ -133,14 +133,18 @@ def converge_backend(ls: LabelStudio, settings: Settings, project_id: int, backe
     user, password = settings.backend_credentials
     wanted = {"title": backend.title, "is_interactive": backend.interactive, "auth_method": "BASIC_AUTH",
               "basic_auth_user": user, "basic_auth_pass": password, "auto_update": True}
-    existing = next((m for m in ls.ml.list(project=project_id) if m.url.rstrip("/") == backend.url), None)
+    # Matched by title first: a backend that moved to another port is updated, not duplicated beside a dead one.
+    connected = list(ls.ml.list(project=project_id))
+    existing = next((m for m in connected if m.title == backend.title), None) or next(
+        (m for m in connected if m.url.rstrip("/") == backend.url), None)
     if existing is None:
         created = ls.ml.create(project=project_id, url=backend.url, **wanted)
         log.info("connected %s at %s (ML backend %d)", backend.title, backend.url, created.id)
         return created.id
     # The password is write-only in the API: compare what can be read, and re-send it only on a change.
     readable = {k: v for k, v in wanted.items() if k != "basic_auth_pass"}
-    if any(getattr(existing, k, None) != v for k, v in readable.items()) or existing.state != "CO":
+    moved = existing.url.rstrip("/") != backend.url
+    if moved or any(getattr(existing, k, None) != v for k, v in readable.items()) or existing.state != "CO":
         ls.ml.update(existing.id, url=backend.url, **wanted)
         log.info("updated %s (ML backend %d)", backend.title, existing.id)
     else:

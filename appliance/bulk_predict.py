@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import requests
@@ -59,10 +60,12 @@ class Studio:
         predictions = self._get("/api/predictions", params={"project": project_id})
         return {p["task"] for p in predictions if p.get("model_version") == version}
 
-    def save_prediction(self, task_id: int, result: dict) -> None:
-        body = {"task": task_id, "result": result["result"], "score": result.get("score"),
-                "model_version": result["model_version"]}
-        response = self.session.post(f"{self.base}/api/predictions", json=body, timeout=60)
+    def save_predictions(self, project_id: int, items: list[tuple[int, dict]]) -> None:
+        """One bulk request per batch (Label Studio's import/predictions), not one call per task."""
+        body = [{"task": task_id, "result": r["result"], "score": r.get("score"), "model_version": r["model_version"]}
+                for task_id, r in items]
+        response = self.session.post(f"{self.base}/api/projects/{project_id}/import/predictions", json=body,
+                                     timeout=300)
         response.raise_for_status()
 
     def _get(self, path: str, **kwargs):
@@ -103,17 +106,23 @@ def predict_all(settings: Settings, batch: int | None = None, show_progress: boo
     summary.total, summary.skipped = len(tasks), len(tasks) - len(pending)
     batch = batch or settings.predict_batch
     began = time.monotonic()
-    with tqdm(total=len(pending), desc=f"pre-annotating with {summary.version}", unit="task",
-              disable=not show_progress) as bar:
+    # Saving a batch overlaps with predicting the next one (the model, not Label Studio, should be the bottleneck).
+    with ThreadPoolExecutor(max_workers=1) as saver, tqdm(
+            total=len(pending), desc=f"pre-annotating with {summary.version}", unit="task",
+            disable=not show_progress) as bar:
+        saving = None
         for start in range(0, len(pending), batch):
             chunk = pending[start:start + batch]
             results = backend.predict([{"id": t["id"], "data": t["data"]} for t in chunk], label_config, project_id)
-            for task, result in zip(chunk, results):
-                if "result" in result:
-                    studio.save_prediction(task["id"], result)
-                    summary.predicted += 1
-                else:
-                    summary.failed.append(result.get("error", f"task {task['id']}: no result"))
+            ready = [(t["id"], r) for t, r in zip(chunk, results) if "result" in r]
+            summary.failed += [r.get("error", f"task {t['id']}: no result") for t, r in zip(chunk, results)
+                               if "result" not in r]
+            if saving is not None:
+                saving.result()
+            saving = saver.submit(studio.save_predictions, project_id, ready) if ready else None
+            summary.predicted += len(ready)
             bar.update(len(chunk))
+        if saving is not None:
+            saving.result()
     summary.seconds = time.monotonic() - began
     return summary

@@ -31,7 +31,8 @@ def backend_command(settings: Settings, app: str, port: int) -> list[str]:
     return [
         str(BIN / "gunicorn"), "--bind", f"{settings.backend_host}:{port}", "--workers", "1",
         "--threads", str(settings.backend_threads), "--timeout", "300", "--graceful-timeout", "20",
-        "--no-control-socket", "--log-level", settings.log_level.lower(), app,
+        "--no-control-socket", "--config", "python:appliance.backends.gunicorn_conf",
+        "--log-level", settings.log_level.lower(), app,
     ]
 
 

@@ -33,7 +33,10 @@ def run_prefixed(name: str, argv: list[str], env: dict[str, str], secrets: list[
     child = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              preexec_fn=_die_with_parent)
 
+    stopping = []
+
     def forward(signum, _frame):
+        stopping.append(signum)
         child.send_signal(signum)
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
@@ -45,4 +48,6 @@ def run_prefixed(name: str, argv: list[str], env: dict[str, str], secrets: list[
         line = scrub(raw.decode("utf-8", "replace"), secrets)
         out.write(prefix + line.encode())
         out.flush()
-    return child.wait()
+    code = child.wait()
+    # Killed by the stop signal we passed on: that is a clean stop, not a crash.
+    return 0 if stopping and code == -stopping[0] else code

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -37,6 +38,7 @@ class PredictBackend(Backend):
         self.fetcher = ImageFetcher(settings.studio_base_url, settings.secret("api_key"), settings.allowed_hosts,
                                     settings.image_max_mb * 1024 * 1024)
         self.mappers: dict[str, LabelMapper] = {}
+        self.loader = ThreadPoolExecutor(max_workers=4, thread_name_prefix="image")
         self.schema: str | None = None
 
     def _load(self, version):
@@ -113,15 +115,20 @@ class PredictBackend(Backend):
                 else {"error": errors[i]} for i in range(len(req.tasks))]
 
     def _images(self, tasks: list[dict], spec: LabelingSpec) -> tuple[dict[int, np.ndarray], dict[int, str]]:
-        images, errors = {}, {}
+        """Fetch and decode every task's image, a few at a time (I/O while the model waits)."""
         max_pixels = self.settings.image_max_megapixels * 1_000_000
-        for i, task in enumerate(tasks):
+
+        def load(task: dict) -> np.ndarray:
+            return decode_image(self.fetcher.fetch(labeling.image_url(task, spec), task.get("id")), max_pixels)
+
+        images, errors = {}, {}
+        futures = {i: self.loader.submit(load, task) for i, task in enumerate(tasks)}
+        for i, future in futures.items():
             try:
-                data = self.fetcher.fetch(labeling.image_url(task, spec), task.get("id"))
-                images[i] = decode_image(data, max_pixels)
+                images[i] = future.result()
             except (ImageError, LabelingError) as error:  # this task fails, the others go on
-                log.info("task %s: %s", task.get("id"), error)
-                errors[i] = f"task {task.get('id')}: {error}"
+                log.info("task %s: %s", tasks[i].get("id"), error)
+                errors[i] = f"task {tasks[i].get('id')}: {error}"
         return images, errors
 
     def _mapper(self, config: str, spec: LabelingSpec) -> LabelMapper:

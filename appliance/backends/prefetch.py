@@ -39,6 +39,7 @@ class Prefetcher:
         self.done: OrderedDict[int, None] = OrderedDict()  # task ids already warmed (bounded memory)
         self.memory = memory
         self.spec: labeling.LabelingSpec | None = None
+        self._last_lookup: tuple[str, int | None] | None = None
         self.session = requests.Session()
         self.session.headers["Authorization"] = f"Token {settings.secret('api_key')}"
         self.thread = threading.Thread(target=self._run, name="sam-prefetch", daemon=True)
@@ -58,6 +59,10 @@ class Prefetcher:
             self.wake.notify()
 
     def after_task(self, project_id: str, task_id: int | None) -> None:
+        # Many clicks land on one task: look up what comes next once per task, not once per click.
+        if (project_id, task_id) == self._last_lookup:
+            return
+        self._last_lookup = (project_id, task_id)
         self._submit(("lookup", project_id, task_id))
 
     def on_event(self, event: str, payload: dict) -> None:

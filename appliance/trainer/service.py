@@ -71,6 +71,8 @@ class Trainer:
         self.schedule = Schedule(settings.train_min_new, settings.train_quiet_seconds)
         self.requests = settings.trainer_dir / "requests"
         self.wake = threading.Event()
+        self.timings: dict[str, float] = {}
+        self._last_lap = time.monotonic()
         self.watcher = journal.JournalWatcher([settings.journal_dir, self.requests], self.wake)
 
     # --- the loop ------------------------------------------------------------------------------
@@ -95,10 +97,16 @@ class Trainer:
             return None
         for path in requests:
             path.unlink(missing_ok=True)
-        return self.run(reason)
+        return self.run(reason, waited=time.time() - last_change if last_change else None)
 
     # --- one run -------------------------------------------------------------------------------
-    def run(self, reason: str) -> dict:
+    def _lap(self, stage: str) -> None:
+        """Seconds spent in ``stage`` since the previous lap (the benchmark's split of a run)."""
+        now = time.monotonic()
+        self.timings[stage] = round(now - self._last_lap, 2)
+        self._last_lap = now
+
+    def run(self, reason: str, waited: float | None = None) -> dict:
         with training_lock(self.settings) as acquired:
             if not acquired:
                 log.info("a training run is already in progress elsewhere; %s waits", reason)
@@ -106,6 +114,8 @@ class Trainer:
             self.watcher.mark(self.settings.journal_dir)
             run_id = time.strftime("%Y%m%dT%H%M%S")
             began = time.time()
+            self.timings = {"wait": round(waited, 2)} if waited is not None else {}
+            self._last_lap = time.monotonic()
             self.status.update(state="running", run=run_id, reason=reason, stage="dataset", last_run_started=began,
                                epoch=None, loss=None, eta_s=None, error=None)
             log.info("run %s started: %s", run_id, reason)
@@ -114,7 +124,7 @@ class Trainer:
             except Exception as error:  # a failed run never touches the serving model
                 log.error("run %s failed: %s", run_id, error)
                 outcome = {"result": "failed", "error": str(error)}
-            outcome.update(run=run_id, seconds=round(time.time() - began, 1), reason=reason)
+            outcome.update(run=run_id, seconds=round(time.time() - began, 1), reason=reason, timings=self.timings)
             self.status.update(state="failed" if outcome["result"] == "failed" else "idle", stage=None,
                                last=outcome, error=outcome.get("error"))
             log.info("run %s: %s", run_id, json.dumps(outcome))
@@ -125,6 +135,7 @@ class Trainer:
         shutil.rmtree(work, ignore_errors=True)
         try:
             datasets = self.build(self.settings, work)
+            self._lap("dataset")
             self.status.update(stage="train", dataset=datasets.summary())
             metrics = self._train(work, datasets)
             return self._decide(work / "model", metrics, datasets)
@@ -165,7 +176,11 @@ class Trainer:
                     log.info("epoch %s/%s iter %s/%s loss %.3f, about %.0f s left", event.get("epoch"),
                              event.get("max_epochs"), event.get("iter"), event.get("max_iters"),
                              event.get("loss") or 0, event.get("eta_s") or 0)
+            elif event.get("event") == "done":
+                self._lap("train")
+                self.status.update(stage="evaluate")
             elif event.get("event") == "metrics":
+                self._lap("evaluate")
                 metrics = event
             elif event.get("event") == "error":
                 error = event.get("error")
@@ -188,6 +203,7 @@ class Trainer:
         version = self.registry.publish(model_dir, {**(candidate or {}), "baseline": current,
                                                     **datasets.summary()})
         self.registry.prune(self.settings.keep_versions)
+        self._lap("publish")
         outcome = {"result": "published", "version": version, "candidate": candidate, "previous": current}
         if self.settings.repredict:
             self.status.update(stage="repredict")
@@ -202,7 +218,9 @@ class Trainer:
         while time.time() < deadline:
             try:
                 if backend.version() == version:
+                    self._lap("swap")
                     summary = bulk_predict.predict_all(self.settings, show_progress=False, only_unlabeled=True)
+                    self._lap("repredict")
                     return summary.predicted
             except Exception as error:  # the new model serves even if re-prediction cannot run now
                 last = str(error)
