@@ -37,7 +37,20 @@ def sam_click_ms(app: Appliance, task: dict, label_config: str, n: int) -> list[
             "tasks": [task], "label_config": label_config, "params": {"context": {"result": [point]}}})
         response.raise_for_status()
         times.append((time.perf_counter() - began) * 1000)
+        result = response.json()["results"][0]
+        if not result.get("result"):
+            raise RuntimeError(f"the SAM click gave no mask: {result.get('error')}")
     return times[1:]  # the first click may encode
+
+
+def wait_sam_ready(app: Appliance, timeout: float = 300) -> None:
+    url = f"http://127.0.0.1:{app.env['APPLIANCE_SAM_PORT']}/health"
+    auth = ("labelstudio", app.secrets()["APPLIANCE_BACKEND_SECRET"])
+    deadline = time.time() + timeout
+    while not requests.get(url, auth=auth, timeout=5).json().get("ready"):
+        if time.time() > deadline:
+            raise TimeoutError("SAM did not load")
+        time.sleep(0.5)
 
 
 def p95(values: list[float]) -> float:
@@ -60,6 +73,7 @@ def main() -> None:
             tasks = app.api("GET", f"/api/projects/{project['id']}/export",
                             params={"exportType": "JSON", "download_all_tasks": "true"}).json()
             astronaut = next(t for t in tasks if "astronaut" in next(iter(t["data"].values())))
+            wait_sam_ready(app)
             idle = sam_click_ms(app, astronaut, project["label_config"], args.clicks)
             truth = import_shapes(app)
             shapes = shape_tasks(app, time.time() + 60)
