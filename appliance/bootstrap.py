@@ -145,7 +145,8 @@ def converge_backend(ls: LabelStudio, settings: Settings, project_id: int, backe
     readable = {k: v for k, v in wanted.items() if k != "basic_auth_pass"}
     moved = existing.url.rstrip("/") != backend.url
     if moved or any(getattr(existing, k, None) != v for k, v in readable.items()) or existing.state != "CO":
-        ls.ml.update(existing.id, url=backend.url, **wanted)
+        # Label Studio 1.23 re-runs the backend's setup on update and needs the project for it.
+        ls.ml.update(existing.id, project=project_id, url=backend.url, **wanted)
         log.info("updated %s (ML backend %d)", backend.title, existing.id)
     else:
         log.info("%s already connected (ML backend %d)", backend.title, existing.id)

@@ -147,6 +147,18 @@ def _build_template(args) -> None:
     print(f"migrated Label Studio database template written to {args.output}")
 
 
+def _backup(args) -> None:
+    from appliance import backup
+
+    backup.backup_command(args.output)
+
+
+def _restore(args) -> None:
+    from appliance import backup
+
+    backup.restore_command(args.archive, force=args.force)
+
+
 def _config(args) -> None:
     from appliance.settings import Settings, env_name, is_secret
 
@@ -197,6 +209,13 @@ def parser() -> argparse.ArgumentParser:
     bt.add_argument("--output", required=True)
     bt.set_defaults(func=_build_template)
     sub.add_parser("config", help="print the environment variables as a Markdown table").set_defaults(func=_config)
+    bk = sub.add_parser("backup", help="write a consistent .tar.gz of the data volume (while running is fine)")
+    bk.add_argument("--output", required=True, help="the archive to write, e.g. backup.tar.gz (mode 0600)")
+    bk.set_defaults(func=_backup)
+    rs = sub.add_parser("restore", help="unpack a backup into the data dir (the appliance must be stopped)")
+    rs.add_argument("archive", help="a .tar.gz written by `appliance backup`")
+    rs.add_argument("--force", action="store_true", help="replace the content of a non-empty data dir")
+    rs.set_defaults(func=_restore)
     return p
 
 

@@ -34,20 +34,22 @@ def _label(region: dict) -> str:
 
 def _number(value: dict, key: str) -> float:
     number = value.get(key)
-    if not isinstance(number, (int, float)) or isinstance(number, bool):
+    if not isinstance(number, (int, float)) or isinstance(number, bool) or abs(number) > 1e300:  # float() fits
         raise PromptError(f"prompt coordinate {key!r} is missing or not a number")
     return float(number)
 
 
 def _size(region: dict) -> tuple[int, int] | None:
     width, height = region.get("original_width"), region.get("original_height")
-    if isinstance(width, int) and isinstance(height, int) and width > 0 and height > 0:
+    if type(width) is int and type(height) is int and width > 0 and height > 0:  # bool is no size
         return height, width
     return None
 
 
 def select_prompts(context: dict) -> Prompts:
-    regions = [r for r in context.get("result") or [] if isinstance(r, dict) and r.get("type") in PROMPT_TYPES]
+    result = context.get("result")
+    regions = [r for r in (result if isinstance(result, list) else []) if isinstance(r, dict)
+               and r.get("type") in PROMPT_TYPES and isinstance(r.get("value") or {}, dict)]
     if not regions:
         raise PromptError("no SAM prompt in the request: place a smart keypoint or draw a smart box")
     label = _label(regions[-1])

@@ -142,7 +142,10 @@ class SamBackend(Backend):
         spec.check_label(brush, prompts.label)
         embedding = self.embedding(labeling.image_url(task, spec), task.get("id"))
         mask, score = self._decode(embedding, prompts)
-        mask = _to_size(mask, prompts.original_size)
+        size = prompts.original_size
+        if size and size[0] * size[1] > self.settings.image_max_megapixels * 1_000_000:
+            raise PromptError(f"original size {size[1]}x{size[0]} is over APPLIANCE_IMAGE_MAX_MEGAPIXELS")
+        mask = _to_size(mask, size)
         regions = [labeling.brush_region(spec, mask, prompts.label, score)]
         regions += labeling.polygon_regions(spec, mask, prompts.label, score)
         return {"result": regions, "score": round(score, 4), "model_version": self.model_version}
