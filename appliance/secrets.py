@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import secrets as random
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 from pydantic import SecretStr
 
@@ -62,5 +63,6 @@ def ensure_secrets(settings: Settings) -> list[str]:
 
 def secret_values(settings: Settings) -> list[str]:
     """Every secret value in force, for log scrubbing checks."""
-    values = (getattr(settings, field) for field in GENERATED)
-    return [v.get_secret_value() for v in values if v is not None]
+    values = [v.get_secret_value() for v in (getattr(settings, field) for field in GENERATED) if v is not None]
+    database_password = urlsplit(settings.database_url).password if settings.database_url else None
+    return values + ([unquote(database_password)] if database_password else [])
