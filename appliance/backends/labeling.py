@@ -64,13 +64,14 @@ def parse(config: str) -> LabelingSpec:
     return LabelingSpec(image.name, image.value.lstrip("$"), controls, labels, predicted)
 
 
-def image_url(task: dict, spec: LabelingSpec) -> str:
+def image_url(task: dict, image_key: str) -> str:
+    """The task's image URL under ``image_key`` (the template's ``$image`` without the dollar)."""
     data = task.get("data") or {}
     # Tasks made by a storage sync carry the image under "$undefined$" until Label Studio resolves it.
-    for key in (spec.image_key, "$undefined$"):
+    for key in (image_key, "$undefined$"):
         if isinstance(data.get(key), str) and data[key]:
             return data[key]
-    raise LabelingError(f"task {task.get('id')} has no image under data[{spec.image_key!r}]")
+    raise LabelingError(f"task {task.get('id')} has no image under data[{image_key!r}]")
 
 
 def _region(spec: LabelingSpec, control: str, kind: str, value: dict, size: tuple[int, int],

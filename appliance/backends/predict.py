@@ -119,7 +119,7 @@ class PredictBackend(Backend):
         max_pixels = self.settings.image_max_megapixels * 1_000_000
 
         def load(task: dict) -> np.ndarray:
-            return decode_image(self.fetcher.fetch(labeling.image_url(task, spec), task.get("id")), max_pixels)
+            return decode_image(self.fetcher.fetch(labeling.image_url(task, spec.image_key), task.get("id")), max_pixels)
 
         images, errors = {}, {}
         futures = {i: self.loader.submit(load, task) for i, task in enumerate(tasks)}

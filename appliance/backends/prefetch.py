@@ -115,7 +115,7 @@ class Prefetcher:
         task_id = task.get("id")
         if task_id in self.done or self.spec is None:
             return
-        self.warm(labeling.image_url(task, self.spec), task_id)
+        self.warm(labeling.image_url(task, self.spec.image_key), task_id)
         self.done[task_id] = None
         while len(self.done) > self.memory:
             self.done.popitem(last=False)

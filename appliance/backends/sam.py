@@ -140,7 +140,7 @@ class SamBackend(Backend):
         prompts = select_prompts(req.context or {})
         brush = spec.require("BrushLabels")
         spec.check_label(brush, prompts.label)
-        embedding = self.embedding(labeling.image_url(task, spec), task.get("id"))
+        embedding = self.embedding(labeling.image_url(task, spec.image_key), task.get("id"))
         mask, score = self._decode(embedding, prompts)
         size = prompts.original_size
         if size and size[0] * size[1] > self.settings.image_max_megapixels * 1_000_000:

@@ -38,6 +38,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from appliance.backends.images import decode_image
+from appliance.backends.labeling import image_url
 
 log = logging.getLogger("trainer.dataset")
 
@@ -233,7 +234,7 @@ def build_dataset(tasks: list[dict], labels: list[str], out_dir: Path, fetch: Fe
             info.skipped.append((task_id, "no annotation that is not cancelled"))
             continue
         try:
-            url = _image_url(task, image_key)
+            url = image_url(task, image_key)
             data = _cached_fetch(url, task_id, fetch, image_cache)
             pixels = decode_image(data, max_pixels)
             objects = annotation_objects(annotation, pixels.shape[1], pixels.shape[0], labels)
@@ -254,15 +255,6 @@ def build_dataset(tasks: list[dict], labels: list[str], out_dir: Path, fetch: Fe
     _write_atomic(info.annotations_path, json.dumps(coco).encode())
     info.images, info.objects = len(images), len(annotations)
     return info
-
-
-def _image_url(task: dict, image_key: str) -> str:
-    data = task.get("data") or {}
-    # Tasks made by a storage sync carry the image under "$undefined$" until Label Studio resolves it.
-    for key in (image_key, "$undefined$"):
-        if isinstance(data.get(key), str) and data[key]:
-            return data[key]
-    raise ValueError(f"no image under data[{image_key!r}]")
 
 
 def _cached_fetch(url: str, task_id: int, fetch: Fetch, cache: Path) -> bytes:
