@@ -29,13 +29,16 @@ import shutil
 import socket
 import sqlite3
 import stat
+import sys
 import tarfile
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from appliance import orphans
 from appliance.settings import Settings
+from appliance.volume import make_private
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -43,7 +46,8 @@ DB_NAME = "label_studio.sqlite3"
 DB_MEMBER = f"label-studio/{DB_NAME}"
 FILES = ("secrets.env", "state.json")
 FOLDERS = ("images", "journal", "models", "trainer", "label-studio/media")
-SKIPPED = ("cache", "run", "logs", "trainer/runs")  # trainer/runs: scratch work of training runs
+# trainer/runs: scratch work of training runs; files: only a link to the images folder, made again at start
+SKIPPED = ("cache", "run", "logs", "trainer/runs", "files")
 PRIVATE = ("secrets.env",)
 IN_MEMORY_LIMIT = 64 * 1024 * 1024  # files up to this size are read whole, so one that changes mid-copy stays whole
 IGNORED_ENTRIES = {"lost+found"}
@@ -324,6 +328,7 @@ def restore(settings: Settings, archive: Path, force: bool = False) -> Summary:
     if supervisord_answers(settings):
         raise BackupError(f"the appliance is running on {data} (supervisord answers on "
                           f"{settings.run_dir / 'supervisor.sock'}); stop it first, then restore")
+    orphans.check(settings.run_dir)  # a supervisord without its socket, or programs that outlived theirs
     existing = _entries(data)
     if existing and not force:
         raise BackupError(f"the data dir {data} is not empty ({len(existing)} entries); restore into an empty "
@@ -370,6 +375,7 @@ def restore(settings: Settings, archive: Path, force: bool = False) -> Summary:
                 path.unlink()
         for path in staging.iterdir():
             os.replace(path, data / path.name)
+        make_private(data)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     summary.seconds = time.monotonic() - began
@@ -407,6 +413,9 @@ def restore_command(archive: str, force: bool) -> None:
     settings = _settings()
     try:
         summary = restore(settings, Path(archive), force=force)
+    except orphans.OrphanError as error:
+        print(f"restore refused: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     except (BackupError, OSError, sqlite3.Error, tarfile.TarError) as error:
         raise SystemExit(f"restore refused: {error}" if isinstance(error, BackupError)
                          else f"restore failed: {error}") from None

@@ -1,9 +1,10 @@
-"""One-shot bootstrap: converge Label Studio to what the settings describe, through its API only.
+"""One-shot bootstrap: converge Label Studio to what the settings describe, through its API (the annotation
+journal alone goes through Label Studio's models: see studio_scripts/storages.py for why).
 
 Runs after every start (supervisord's ``bootstrap`` program). Each step compares before it writes, so N restarts
 create nothing twice: the project (found by the id remembered in ``<data>/state.json``, else by title), its
-template and settings, a Local Files storage over the images folder (synced, which imports only new files), and
-both ML connections.
+template and settings, the annotation journal, a Local Files storage over the images folder (synced, which imports
+only new files), and both ML connections.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 from label_studio_sdk.client import LabelStudio
 
-from appliance import gcs_bootstrap, studio_api, template
+from appliance import gcs_bootstrap, studio, studio_api, template
 from appliance.settings import Settings
 
 log = logging.getLogger("bootstrap")
@@ -91,7 +92,7 @@ def converge_project(ls: LabelStudio, settings: Settings, state: dict[str, Any])
 
 
 def converge_local_storage(ls: LabelStudio, settings: Settings, project_id: int) -> int:
-    path = str(settings.images)
+    path = str(settings.served_images)  # under Label Studio's document root, a link to the images folder
     storage = next((s for s in ls.import_storage.local.list(project=project_id) if s.path == path), None)
     if storage is None:
         storage = ls.import_storage.local.create(project=project_id, path=path, regex_filter=IMAGE_REGEX,
@@ -101,18 +102,6 @@ def converge_local_storage(ls: LabelStudio, settings: Settings, project_id: int)
     ls.import_storage.local.sync(storage.id)
     after = wait_sync(ls, project_id, before)
     log.info("images folder synced: %d new task(s), %d in all", after - before, after)
-    return storage.id
-
-
-def converge_journal(ls: LabelStudio, settings: Settings, project_id: int) -> int:
-    """A Local Files export storage: Label Studio writes every submitted annotation there; the trainer watches it."""
-    path = str(settings.journal_dir)
-    storage = next((s for s in ls.export_storage.local.list(project=project_id) if s.path == path), None)
-    if storage is None:
-        storage = ls.export_storage.local.create(project=project_id, path=path, title="Annotation journal",
-                                                 can_delete_objects=True)
-        ls.export_storage.local.sync(storage.id)  # annotations made before the journal existed
-        log.info("created the annotation journal (export storage %d) at %s", storage.id, path)
     return storage.id
 
 
@@ -160,8 +149,13 @@ def run(settings: Settings) -> dict[str, Any]:
     state = read_state(settings)
     state["project_id"] = converge_project(ls, settings, state)
     write_state(settings, state)
+    files = studio.converge_file_storages(settings, state["project_id"])  # before the sync: it may re-key links
+    state["journal_storage_id"] = files["journal"]
+    if files["journal_created"]:
+        log.info("created the annotation journal (export storage %d) at %s", files["journal"], settings.journal_dir)
+    if files["images_moved"]:
+        log.info("moved the images storage under %s (%d images kept)", settings.files_root, files["images_moved"])
     state["local_storage_id"] = converge_local_storage(ls, settings, state["project_id"])
-    state["journal_storage_id"] = converge_journal(ls, settings, state["project_id"])
     state["ml_backends"] = {
         role: converge_backend(ls, settings, state["project_id"], backend)
         for role, backend in backends(settings).items()

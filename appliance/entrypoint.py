@@ -14,7 +14,7 @@ import socket
 import sys
 from pathlib import Path
 
-from appliance import samples, studio
+from appliance import orphans, samples, studio, template, volume
 from appliance.programs import process_env
 from appliance.secrets import ensure_secrets
 from appliance.settings import ConfigError, Settings, load_settings
@@ -24,6 +24,43 @@ SUPERVISORD_CONF = Path(__file__).parent / "supervisord.conf"
 
 def say(message: str) -> None:
     print(f"appliance| {message}", flush=True)
+
+
+def check_template(settings: Settings) -> None:
+    """A wrong template stops start-up here, instead of a bootstrap that fails after everything started."""
+    if "studio" in settings.role_list:
+        try:
+            template.label_config(settings)
+        except template.TemplateError as error:
+            raise ConfigError(f"configuration error: {error}") from None
+
+
+def check_data_dir(settings: Settings) -> None:
+    """The data dir is a folder we can write to: one line naming APPLIANCE_DATA_DIR when it is not."""
+    data = settings.data
+    if data.exists() and not data.is_dir():
+        raise ConfigError(f"configuration error: APPLIANCE_DATA_DIR ({data}) is a file, not a folder. Point it "
+                          f"at a folder (created when missing).")
+    try:
+        data.mkdir(parents=True, exist_ok=True)
+        probe = data / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise ConfigError(f"configuration error: APPLIANCE_DATA_DIR ({data}) is not writable ({error.strerror}). "
+                          f"Mount it read-write or point it at a folder this user can write.") from None
+
+
+def take_over(settings: Settings) -> None:
+    """This start owns the data dir: no other supervisord, no orphans of a previous one, no stale training run.
+    The supervisor lock stays open on purpose: supervisord inherits it through execve."""
+    orphans.lock_supervisor(settings.run_dir)
+    orphans.check_programs(settings.run_dir)
+    from appliance.trainer.status import clear_interrupted
+
+    cleared = clear_interrupted(settings.trainer_dir)
+    if cleared:
+        say(cleared)
 
 
 def prepare_dirs(settings: Settings) -> None:
@@ -76,13 +113,18 @@ def supervisor_env(settings: Settings) -> dict[str, str]:
     env = process_env(settings)
     env["APPLIANCE_RUN_DIR"] = str(settings.run_dir)
     env["APPLIANCE_PYTHON"] = sys.executable
+    env["APPLIANCE_SUPERVISOR_PID"] = str(os.getpid())  # supervisord is this process after execve
     for role in ("studio", "sam", "predict", "train"):
         env[f"APPLIANCE_START_{role.upper()}"] = "true" if role in settings.role_list else "false"
     return env
 
 
 def prepare(settings: Settings) -> None:
+    check_template(settings)
+    check_data_dir(settings)
     prepare_dirs(settings)
+    take_over(settings)
+    volume.secure(settings)  # umask 077 for every process from here on, 0700/0600 for what exists
     generated = ensure_secrets(settings)
     announce_credentials(settings, generated)
     check_ports(settings)
@@ -102,6 +144,9 @@ def up() -> None:
     except ConfigError as error:
         print(error.line, file=sys.stderr, flush=True)
         raise SystemExit(error.code) from None
+    except orphans.OrphanError as error:
+        print(f"start-up refused: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     except RuntimeError as error:
         print(f"start-up failed: {error}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None

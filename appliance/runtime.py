@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from appliance.secrets import ensure_secrets
 from appliance.settings import ConfigError, Settings, load_settings
+from appliance.volume import UMASK
 
 
 def load() -> Settings:
@@ -16,6 +18,7 @@ def load() -> Settings:
     except ConfigError as error:
         print(error.line, file=sys.stderr, flush=True)
         raise SystemExit(error.code) from None
+    os.umask(UMASK)  # whatever a command writes on the data volume stays private to the appliance's user
     ensure_secrets(settings)
     return settings
 

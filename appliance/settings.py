@@ -16,10 +16,12 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, ValidationInfo, field_validator
+from pydantic import (AliasChoices, Field, SecretStr, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ROLES = ("studio", "sam", "predict", "train")
+PORT_ROLES = (("port", "studio"), ("sam_port", "sam"), ("predict_port", "predict"))
 GCS_IMAGE_REGEX = r"(?i).*\.(jpe?g|png|bmp|gif|tiff?|webp)$"
 
 
@@ -115,8 +117,9 @@ class Settings(BaseSettings):
                                 description="Copy the bundled sample photos into an empty images folder.")
 
     # --- ML backends -------------------------------------------------------------------------
-    backend_host: str = Field("127.0.0.1", validation_alias=_env("APPLIANCE_BACKEND_HOST"),
-                              description="Address the ML backends bind to (loopback in the single container).")
+    backend_host: str = Field("127.0.0.2", validation_alias=_env("APPLIANCE_BACKEND_HOST"),
+                              description="Address the ML backends bind to: a loopback address of their own in the "
+                                          "single container, the one address Label Studio's SSRF guard lets through.")
     sam_port: int = Field(9090, ge=1, le=65535, validation_alias=_env("APPLIANCE_SAM_PORT"),
                           description="Port of the interactive SAM backend.")
     predict_port: int = Field(9091, ge=1, le=65535, validation_alias=_env("APPLIANCE_PREDICT_PORT"),
@@ -138,6 +141,9 @@ class Settings(BaseSettings):
                                                    description="Where models run: auto picks the GPU when present.")
     sam_cache_mb: int = Field(256, ge=16, le=65536, validation_alias=_env("APPLIANCE_SAM_CACHE_MB"),
                               description="Memory for cached image embeddings (MobileSAM: 4 MB per image).")
+    embedding_store_mb: int = Field(2048, ge=0, le=1048576, validation_alias=_env("APPLIANCE_EMBEDDING_STORE_MB"),
+                                    description="Disk for SAM image embeddings shared by every process "
+                                                "(<data>/cache/embeddings, 4 MB per image; 0 turns it off).")
     sam_prefetch: int = Field(3, ge=0, le=100, validation_alias=_env("APPLIANCE_SAM_PREFETCH"),
                               description="Unlabeled tasks whose embeddings are computed ahead of the annotator.")
     detector_weights: Path | None = Field(None, validation_alias=_env("APPLIANCE_DETECTOR_WEIGHTS"),
@@ -162,7 +168,7 @@ class Settings(BaseSettings):
                                 description="Training and inference image size (RTMDet's 640 suits a GPU).")
     train_threads: int = Field(1, ge=1, le=256, validation_alias=_env("APPLIANCE_TRAIN_THREADS"),
                                description="CPU threads a training run may use (annotating must stay fluid).")
-    train_arch: Literal["rtmdet-ins-tiny", "rtmdet-ins-s", "mask-rcnn-r50"] = Field(
+    train_arch: Literal["sam-det", "rtmdet-ins-tiny", "rtmdet-ins-s", "mask-rcnn-r50"] = Field(
         "rtmdet-ins-tiny", validation_alias=_env("APPLIANCE_TRAIN_ARCH"),
         description="Detector architecture (rtmdet-ins-tiny is the practical CPU choice).")
     holdout_percent: int = Field(20, ge=1, le=90, validation_alias=_env("APPLIANCE_HOLDOUT_PERCENT"),
@@ -307,6 +313,8 @@ class Settings(BaseSettings):
             raise ValueError("needs at least one label, e.g. APPLIANCE_LABELS=Person,Car")
         if len(set(labels)) != len(labels):
             raise ValueError("labels must be unique")
+        if any(ord(c) < 32 or ord(c) == 127 for c in "".join(labels)):
+            raise ValueError("must not contain control characters (a newline, a tab...); separate labels with commas")
         return ",".join(labels)
 
     @field_validator("api_key")
@@ -346,6 +354,17 @@ class Settings(BaseSettings):
             raise ValueError("must be an http(s) URL such as http://127.0.0.1:8080")
         return value.rstrip("/")
 
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> "Settings":
+        """Two processes of this container on one port: one of them restarts forever."""
+        ports = [(env_name(f), getattr(self, f)) for f, role in PORT_ROLES if role in self.role_list]
+        for i, (name, port) in enumerate(ports):
+            for other, other_port in ports[:i]:
+                if port == other_port:
+                    raise ValueError(f"{name} and {other} are both {port}: each process needs its own port; "
+                                     f"change one of them")
+        return self
+
     # --- derived values ----------------------------------------------------------------------
     @property
     def allowed_hosts(self) -> list[str]:
@@ -376,6 +395,17 @@ class Settings(BaseSettings):
         return (self.images_dir or self.data / "images").absolute()
 
     @property
+    def files_root(self) -> Path:
+        """Label Studio's Local Files document root: it holds only a link to the images folder, so no storage a
+        project member adds can reach the database, the journal or the secrets."""
+        return self.data / "files"
+
+    @property
+    def served_images(self) -> Path:
+        """The images folder as Label Studio sees it (under files_root; its name keeps task URLs unchanged)."""
+        return self.files_root / self.images.name
+
+    @property
     def run_dir(self) -> Path:
         return self.data / "run"
 
@@ -396,6 +426,10 @@ class Settings(BaseSettings):
         return self.data / "cache"
 
     @property
+    def embeddings_dir(self) -> Path:
+        return self.cache_dir / "embeddings"
+
+    @property
     def trainer_dir(self) -> Path:
         return self.data / "trainer"
 
@@ -409,11 +443,18 @@ class Settings(BaseSettings):
 
     @property
     def sam_base_url(self) -> str:
-        return self.sam_url or f"http://127.0.0.1:{self.sam_port}"
+        return self.sam_url or f"http://{self.backend_address}:{self.sam_port}"
 
     @property
     def predict_base_url(self) -> str:
-        return self.predict_url or f"http://127.0.0.1:{self.predict_port}"
+        return self.predict_url or f"http://{self.backend_address}:{self.predict_port}"
+
+    @property
+    def backend_address(self) -> str:
+        """Where this container reaches its own backends: their bind address, or 127.0.0.2 for a wildcard."""
+        if self.backend_host in ("0.0.0.0", "::", ""):
+            return "127.0.0.2"
+        return f"[{self.backend_host}]" if ":" in self.backend_host else self.backend_host
 
     @property
     def backend_credentials(self) -> tuple[str, str]:
@@ -455,7 +496,9 @@ def is_secret(field: str) -> bool:
 def explain(error: ValidationError) -> str:
     """One line naming the variable, what is wrong with it and how to fix it (a secret's value is never shown)."""
     first = error.errors()[0]
-    loc = str((first.get("loc") or ("?",))[0])
+    if not first.get("loc"):  # a check across variables: its message names them
+        return f"configuration error: {first.get('msg', 'invalid value').removeprefix('Value error, ')}."
+    loc = str(first["loc"][0])
     field = _field_of(loc)
     name = loc if field is None or loc != field else env_name(field)
     message = first.get("msg", "invalid value").removeprefix("Value error, ")

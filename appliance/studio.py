@@ -6,8 +6,11 @@ so this module talks to it through subprocesses only.
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -18,15 +21,45 @@ from appliance.settings import Settings
 
 SCRIPTS = Path(__file__).parent / "studio_scripts"
 
-# Label Studio's default SSRF block list minus loopback: the backends listen on 127.0.0.1 inside the container,
-# while webhooks and imports keep refusing every other private or reserved range.
-BANNED_SUBNETS = [
-    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "169.254.0.0/16", "172.16.0.0/12", "192.0.0.0/24",
+# Label Studio's own default SSRF block list (core/utils/io.py validate_ip). Its guard only knows subnets, so the
+# exception for the ML backends is the smallest one possible: their exact addresses (/32 or /128), carved out of
+# the subnet that holds them. The backends listen on a loopback address of their own (127.0.0.2), so Label Studio
+# can reach them and nothing else on loopback: not its own port, not the GCS emulator, not any other local service.
+DEFAULT_BANNED_SUBNETS = (
+    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12", "192.0.0.0/24",
     "192.0.2.0/24", "192.88.99.0/24", "192.168.0.0/16", "198.18.0.0/15", "198.51.100.0/24", "203.0.113.0/24",
-    "224.0.0.0/4", "233.252.0.0/24", "240.0.0.0/4", "255.255.255.255/32", "::/128", "::ffff:0:0/96",
-    "64:ff9b::/96", "64:ff9b:1::/48", "100::/64", "2001:0000::/32", "2001:20::/28", "2001:db8::/32", "2002::/16",
-    "fc00::/7", "fe80::/10", "ff00::/8",
-]
+    "224.0.0.0/4", "233.252.0.0/24", "240.0.0.0/4", "255.255.255.255/32", "::/128", "::1/128", "::ffff:0:0/96",
+    "::ffff:0:0:0/96", "64:ff9b::/96", "64:ff9b:1::/48", "100::/64", "2001:0000::/32", "2001:20::/28",
+    "2001:db8::/32", "2002::/16", "fc00::/7", "fe80::/10", "ff00::/8",
+)
+
+
+def banned_subnets(exempt: set[str]) -> list[str]:
+    """The default list with each exempt address cut out of the subnets that contain it."""
+    networks = [ipaddress.ip_network(n) for n in DEFAULT_BANNED_SUBNETS]
+    for address in sorted(exempt):
+        hole = ipaddress.ip_network(address)
+        networks = [piece for net in networks
+                    for piece in (net.address_exclude(hole) if net.version == hole.version and hole.subnet_of(net)
+                                  else [net])]
+    return [str(net) for net in networks]
+
+
+def backend_addresses(settings: Settings) -> set[str]:
+    """The IP addresses Label Studio connects to for the ML backends (names resolved once, at start)."""
+    found = set()
+    for url in (settings.sam_base_url, settings.predict_base_url):
+        host = urlsplit(url).hostname or ""
+        try:
+            found.add(str(ipaddress.ip_address(host)))
+            continue
+        except ValueError:
+            pass
+        try:
+            found.update(info[4][0] for info in socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP))
+        except OSError:
+            pass  # not resolvable yet: the bootstrap's wait for the backend reports it
+    return found
 
 
 def install_prefix() -> Path:
@@ -72,11 +105,12 @@ def studio_env(settings: Settings) -> dict[str, str]:
         "LOG_LEVEL": settings.log_level,
         "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
         "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true",
-        "LABEL_STUDIO_ML_BLOCK_LOCAL_IP": "false",
+        "LABEL_STUDIO_SSRF_PROTECTION_ENABLED": "true",
+        "LABEL_STUDIO_ML_BLOCK_LOCAL_IP": "true",
         "LABEL_STUDIO_USE_DEFAULT_BANNED_SUBNETS": "false",
-        "LABEL_STUDIO_USER_ADDITIONAL_BANNED_SUBNETS": ",".join(BANNED_SUBNETS),
+        "LABEL_STUDIO_USER_ADDITIONAL_BANNED_SUBNETS": ",".join(banned_subnets(backend_addresses(settings))),
         "LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED": "true",
-        "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(settings.images.parent),
+        "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(settings.files_root),
         "LABEL_STUDIO_SENTRY_DSN": "",
         "LABEL_STUDIO_FRONTEND_SENTRY_DSN": "",
         "LABEL_STUDIO_LATEST_VERSION_CHECK": "false",
@@ -122,16 +156,28 @@ def gunicorn_command(settings: Settings) -> list[str]:
     ]
 
 
-def run_prepare(env: dict[str, str], admin: dict | None) -> dict:
-    """Migrate if needed, switch SQLite to WAL, converge the admin user and token. Returns what changed."""
+def run_script(name: str, env: dict[str, str], params: dict) -> dict:
+    """Run one of studio_scripts/ with Label Studio's Python and settings; returns its JSON answer."""
     proc = subprocess.run(
-        [str(studio_venv() / "bin" / "python"), str(SCRIPTS / "prepare_db.py")],
-        input=json.dumps({"admin": admin}), env=env, capture_output=True, text=True,
+        [str(studio_venv() / "bin" / "python"), str(SCRIPTS / name)],
+        input=json.dumps(params), env=env, capture_output=True, text=True,
     )
     if proc.returncode != 0:
         tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
-        raise RuntimeError(f"Label Studio database preparation failed: {tail[0]}")
+        raise RuntimeError(f"Label Studio {name.removesuffix('.py')} failed: {tail[0]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_prepare(env: dict[str, str], admin: dict | None) -> dict:
+    """Migrate if needed, switch SQLite to WAL, converge the admin user and token. Returns what changed."""
+    return run_script("prepare_db.py", env, {"admin": admin})
+
+
+def converge_file_storages(settings: Settings, project_id: int) -> dict:
+    """The journal (outside the document root) and the move of an old volume's images storage; see storages.py."""
+    params = {"project": project_id, "journal": str(settings.journal_dir), "images": str(settings.served_images),
+              "legacy_images": str(settings.images)}
+    return run_script("storages.py", {**os.environ, **studio_env(settings)}, params)
 
 
 def prepare_database(settings: Settings, base_env: dict[str, str]) -> dict:

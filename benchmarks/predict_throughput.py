@@ -91,7 +91,7 @@ def write_photos(folder: Path, n: int, seed: int = 7) -> list[Path]:
 class Bench:
     def __init__(self, app: Appliance):
         self.app = app
-        self.url = f"http://127.0.0.1:{app.env['APPLIANCE_PREDICT_PORT']}"
+        self.url = f"http://127.0.0.2:{app.env['APPLIANCE_PREDICT_PORT']}"
         self.auth = ("labelstudio", app.secrets()["APPLIANCE_BACKEND_SECRET"])
         self.pid = app.state()["project_id"]
 

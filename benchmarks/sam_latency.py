@@ -93,7 +93,7 @@ def photo_of(task: dict) -> tuple[str, str]:
 class Sam:
     def __init__(self, app: Appliance):
         self.app = app
-        self.url = f"http://127.0.0.1:{app.env['APPLIANCE_SAM_PORT']}"
+        self.url = f"http://127.0.0.2:{app.env['APPLIANCE_SAM_PORT']}"
         self.auth = ("labelstudio", app.secrets()["APPLIANCE_BACKEND_SECRET"])
         self.session = requests.Session()
         self.session.auth = self.auth

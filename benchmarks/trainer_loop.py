@@ -26,7 +26,7 @@ from test_trainer_service import N_TASKS, brush, import_shapes, shape_tasks, tra
 
 
 def sam_click_ms(app: Appliance, task: dict, label_config: str, n: int) -> list[float]:
-    url = f"http://127.0.0.1:{app.env['APPLIANCE_SAM_PORT']}/predict"
+    url = f"http://127.0.0.2:{app.env['APPLIANCE_SAM_PORT']}/predict"
     auth = ("labelstudio", app.secrets()["APPLIANCE_BACKEND_SECRET"])
     times = []
     for i in range(n + 1):
@@ -44,7 +44,7 @@ def sam_click_ms(app: Appliance, task: dict, label_config: str, n: int) -> list[
 
 
 def wait_sam_ready(app: Appliance, timeout: float = 300) -> None:
-    url = f"http://127.0.0.1:{app.env['APPLIANCE_SAM_PORT']}/health"
+    url = f"http://127.0.0.2:{app.env['APPLIANCE_SAM_PORT']}/health"
     auth = ("labelstudio", app.secrets()["APPLIANCE_BACKEND_SECRET"])
     deadline = time.time() + timeout
     while not requests.get(url, auth=auth, timeout=5).json().get("ready"):

@@ -302,8 +302,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"starting a throwaway appliance (log: {app.log_path}) ...", flush=True)
             print(f"ready in {app.start():.0f} s", flush=True)
             secrets = app.secrets()
-            target = Target(app.url, app.token, app.data_dir, f"http://127.0.0.1:{app.env['APPLIANCE_SAM_PORT']}",
-                            f"http://127.0.0.1:{app.env['APPLIANCE_PREDICT_PORT']}",
+            target = Target(app.url, app.token, app.data_dir, f"http://127.0.0.2:{app.env['APPLIANCE_SAM_PORT']}",
+                            f"http://127.0.0.2:{app.env['APPLIANCE_PREDICT_PORT']}",
                             ("labelstudio", secrets["APPLIANCE_BACKEND_SECRET"]))
             deadline = time.time() + 180
             while not requests.get(f"{target.sam_url}/health", auth=target.backend_auth, timeout=5).json().get(

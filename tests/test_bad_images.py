@@ -58,7 +58,7 @@ def studio(tmp_path_factory, artifacts):
 
 
 def backend_url(app: Appliance, role: str) -> str:
-    return f"http://127.0.0.1:{app.env['APPLIANCE_SAM_PORT' if role == 'sam' else 'APPLIANCE_PREDICT_PORT']}"
+    return f"http://127.0.0.2:{app.env['APPLIANCE_SAM_PORT' if role == 'sam' else 'APPLIANCE_PREDICT_PORT']}"
 
 
 def auth(app: Appliance) -> tuple[str, str]:

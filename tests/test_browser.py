@@ -45,7 +45,7 @@ def serving_version(studio, tmp_path_factory) -> str:
     make_dataset(root / "data", 8, ["Person", "Object"], seed=3)
     model = train(root / "data", ["Person", "Object"], root / "model", epochs=1, batch_size=4, img_size=160)
     version = ModelRegistry(studio.data_dir / "models").publish(Path(model), {})
-    url = f"http://127.0.0.1:{studio.env['APPLIANCE_PREDICT_PORT']}/health"
+    url = f"http://127.0.0.2:{studio.env['APPLIANCE_PREDICT_PORT']}/health"
     auth = ("labelstudio", studio.secrets()["APPLIANCE_BACKEND_SECRET"])
     deadline = time.time() + 120
     while requests.get(url, auth=auth, timeout=5).json()["model_version"] != version:

@@ -65,14 +65,14 @@ def test_both_ml_backends_connected(appliance):
     project_id = appliance.state()["project_id"]
     backends = appliance.api("GET", f"/api/ml?project={project_id}").json()
     assert sorted(b["url"] for b in backends) == sorted(
-        [f"http://127.0.0.1:{appliance.env['APPLIANCE_SAM_PORT']}",
-         f"http://127.0.0.1:{appliance.env['APPLIANCE_PREDICT_PORT']}"])
+        [f"http://127.0.0.2:{appliance.env['APPLIANCE_SAM_PORT']}",
+         f"http://127.0.0.2:{appliance.env['APPLIANCE_PREDICT_PORT']}"])
     assert all(b["state"] == "CO" for b in backends), backends
     assert [b["is_interactive"] for b in backends if "SAM" in b["title"]] == [True]
 
 
 def test_backends_refuse_requests_without_the_shared_secret(appliance):
-    url = f"http://127.0.0.1:{appliance.env['APPLIANCE_SAM_PORT']}"
+    url = f"http://127.0.0.2:{appliance.env['APPLIANCE_SAM_PORT']}"
     assert requests.get(f"{url}/health", timeout=5).status_code == 401
     auth = ("labelstudio", appliance.secrets()["APPLIANCE_BACKEND_SECRET"])
     assert requests.get(f"{url}/health", timeout=5, auth=auth).json()["status"] == "UP"
@@ -144,4 +144,4 @@ def test_a_backend_on_a_new_port_is_reconnected_not_duplicated(appliance):
     assert counts(appliance) == before
     backends = appliance.api("GET", f"/api/ml?project={appliance.state()['project_id']}").json()
     sam = next(b for b in backends if "SAM" in b["title"])
-    assert sam["url"] == f"http://127.0.0.1:{appliance.env['APPLIANCE_SAM_PORT']}" and sam["state"] == "CO"
+    assert sam["url"] == f"http://127.0.0.2:{appliance.env['APPLIANCE_SAM_PORT']}" and sam["state"] == "CO"

@@ -288,7 +288,7 @@ def test_sam_click_on_a_gs_task_returns_a_mask(app):
     assert region["type"] == "brushlabels"
     assert decode(region)[FACE[1], FACE[0]]
     # The click makes the prefetcher warm the next unlabeled tasks: gs:// ones too, through the presign endpoint.
-    health = f"http://127.0.0.1:{app.env['APPLIANCE_SAM_PORT']}/health"
+    health = f"http://127.0.0.2:{app.env['APPLIANCE_SAM_PORT']}/health"
     auth = ("labelstudio", app.secrets()["APPLIANCE_BACKEND_SECRET"])
     deadline = time.time() + 90
     while requests.get(health, auth=auth, timeout=5).json()["cache"]["entries"] < 2 and time.time() < deadline:

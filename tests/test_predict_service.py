@@ -35,7 +35,7 @@ def tiny_models(tmp_path_factory) -> list[Path]:
 
 
 def backend(appliance) -> tuple[str, tuple[str, str]]:
-    return (f"http://127.0.0.1:{appliance.env['APPLIANCE_PREDICT_PORT']}",
+    return (f"http://127.0.0.2:{appliance.env['APPLIANCE_PREDICT_PORT']}",
             ("labelstudio", appliance.secrets()["APPLIANCE_BACKEND_SECRET"]))
 
 

@@ -35,7 +35,7 @@ def interactive(appliance, task_id: int, regions: list[dict]) -> requests.Respon
 
 
 def wait_sam_ready(appliance, timeout: float = 180) -> None:
-    url = f"http://127.0.0.1:{appliance.env['APPLIANCE_SAM_PORT']}/health"
+    url = f"http://127.0.0.2:{appliance.env['APPLIANCE_SAM_PORT']}/health"
     auth = ("labelstudio", appliance.secrets()["APPLIANCE_BACKEND_SECRET"])
     deadline = time.time() + timeout
     while time.time() < deadline:

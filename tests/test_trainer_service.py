@@ -86,7 +86,7 @@ def test_submitted_annotations_become_a_serving_model_that_finds_the_objects(app
     assert last["candidate"]["segm_mAP"] > 0
 
     auth = ("labelstudio", appliance.secrets()["APPLIANCE_BACKEND_SECRET"])
-    health_url = f"http://127.0.0.1:{appliance.env['APPLIANCE_PREDICT_PORT']}/health"
+    health_url = f"http://127.0.0.2:{appliance.env['APPLIANCE_PREDICT_PORT']}/health"
     while requests.get(health_url, auth=auth, timeout=5).json()["model_version"] != version:
         assert time.time() < deadline, "the prediction backend did not swap to the new version"
         time.sleep(1)
@@ -95,7 +95,7 @@ def test_submitted_annotations_become_a_serving_model_that_finds_the_objects(app
     assert held_out, "the fixed split holds some of the shape tasks out"
     name, task = held_out[0]
     project = appliance.api("GET", f"/api/projects/{appliance.state()['project_id']}").json()
-    url = f"http://127.0.0.1:{appliance.env['APPLIANCE_PREDICT_PORT']}/predict"
+    url = f"http://127.0.0.2:{appliance.env['APPLIANCE_PREDICT_PORT']}/predict"
     result = requests.post(url, auth=auth, timeout=120, json={"tasks": [task], "label_config":
                                                                project["label_config"]}).json()["results"][0]
     assert result["model_version"] == version

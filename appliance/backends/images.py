@@ -18,13 +18,14 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
+from appliance.backends.url_policy import UrlPolicy, UrlRefused
+
 # decode_image's max_pixels, checked from the header before any pixel is decoded, is the real limit. PIL's own
 # process-wide guard stays as a backstop for other callers, raised so that refusing a bomb here does not also
 # log PIL's DecompressionBombWarning (PIL warns above this and refuses above twice this).
 Image.MAX_IMAGE_PIXELS = 1_000_000_000
 
 CLOUD_SCHEMES = ("gs", "s3", "azure-blob")
-ALLOWED_HOSTS_SETTING = "APPLIANCE_ALLOWED_IMAGE_HOSTS"
 MAX_REDIRECTS = 5
 _CHUNK = 64 * 1024
 
@@ -79,24 +80,30 @@ def _first_line(exc: BaseException) -> str:
 # --- fetching ---------------------------------------------------------------------------------
 class ImageFetcher:
     """Fetch task images: Label Studio paths with the API token, cloud URIs via Label Studio's presign
-    endpoint, other hosts only when listed in ``allowed_hosts`` (an SSRF guard). The token is never logged
-    and never sent to another host."""
+    endpoint, other hosts only when listed in ``allowed_hosts`` (an SSRF guard). Every URL and every redirect
+    goes through one ``UrlPolicy``: the token is never logged and never sent to another origin."""
 
     def __init__(self, base_url: str, token: str, allowed_hosts: list[str], max_bytes: int,
-                 retries: int = 2, timeout: float = 10) -> None:
-        parts = urlsplit(base_url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"Label Studio URL must be http(s)://host[:port], got {base_url!r}")
+                 retries: int = 2, timeout: float = 10, storage_hosts: list[str] = ()) -> None:
+        try:
+            self.policy = UrlPolicy(base_url, allowed_hosts, storage_hosts)
+        except UrlRefused as error:
+            raise ValueError(f"Label Studio URL must be http(s)://host[:port], got {base_url!r}: {error}") from None
         self.base_url = base_url.rstrip("/")
-        self._base_origin = _origin(self.base_url)
         self._token = token
-        self.allowed_hosts = {h.strip().lower() for h in allowed_hosts if h.strip()}
         self.max_bytes = max_bytes
         self.timeout = timeout
         self.session = _session(retries)
 
+    @classmethod
+    def from_settings(cls, settings) -> "ImageFetcher":
+        """The fetcher every process uses: Label Studio, the allowed hosts and the GCS emulator if one is set."""
+        storage = [urlsplit(settings.storage_emulator_host).netloc] if settings.storage_emulator_host else []
+        return cls(settings.studio_base_url, settings.secret("api_key"), settings.allowed_hosts,
+                   settings.image_max_mb * 1024 * 1024, storage_hosts=storage)
+
     def __repr__(self) -> str:  # keeps the token out of logs and tracebacks
-        return f"ImageFetcher(base_url={self.base_url!r}, allowed_hosts={sorted(self.allowed_hosts)!r})"
+        return f"ImageFetcher(base_url={self.base_url!r}, allowed_hosts={sorted(self.policy.allowed)!r})"
 
     def fetch(self, url: str, task_id: int | None = None) -> bytes:
         """Bytes of the image at ``url`` (a task's image value), at most ``max_bytes``."""
@@ -111,7 +118,6 @@ class ImageFetcher:
         if not scheme:  # a Label Studio path; joined by hand so "//other-host/x" cannot leave Label Studio
             return self._get(f"{self.base_url}/{url.lstrip('/')}", shown=url)
         if scheme in ("http", "https"):
-            self._check_host(url)
             return self._get(url, shown=url)
         raise ImageError(f"unsupported image URL scheme {scheme!r} in {url!r}")
 
@@ -121,36 +127,32 @@ class ImageFetcher:
         fileuri = base64.urlsafe_b64encode(uri.encode()).decode()
         return f"{self.base_url}/tasks/{int(task_id)}/presign/?fileuri={fileuri}"
 
-    def _check_host(self, url: str) -> None:
-        if _origin(url) == self._base_origin:
-            return
-        host = (urlsplit(url).hostname or "").lower()
-        if host not in self.allowed_hosts:
-            raise ImageError(f"refusing to fetch an image from host {host!r}: it is not Label Studio; "
-                             f"add it to {ALLOWED_HOSTS_SETTING} to allow it")
+    def _check(self, url: str, shown: str, presigned: bool = False) -> None:
+        try:
+            self.policy.check(url, from_presign=presigned)
+        except UrlRefused as error:
+            raise ImageError(f"image {shown!r}: {error}") from None
 
     def _headers(self, url: str) -> dict[str, str]:
-        return {"Authorization": f"Token {self._token}"} if _origin(url) == self._base_origin else {}
+        return {"Authorization": f"Token {self._token}"} if self.policy.is_studio(url) else {}
 
     def _get(self, url: str, shown: str, presigned: bool = False) -> bytes:
         """GET with redirects followed by hand, so each hop is checked and the token stays on Label Studio.
 
-        Redirects out of a presign request go wherever Label Studio sends them (the signed storage URL);
-        any other redirect must land on Label Studio or an allowed host.
+        Redirects out of a presign request may also go to cloud storage hosts (the signed URL); every hop,
+        the first included, must pass the same policy.
         """
+        self._check(url, shown)
         for _ in range(MAX_REDIRECTS + 1):
             try:
                 response = self.session.get(url, headers=self._headers(url), stream=True,
                                             timeout=self.timeout, allow_redirects=False)
-            except requests.RequestException as exc:
+            except (requests.RequestException, ValueError) as exc:  # ValueError: requests reading a bad Location
                 raise ImageError(f"cannot fetch image {shown!r}: {type(exc).__name__}") from exc
             with response:
                 if response.is_redirect:
                     url = urljoin(url, response.headers["Location"])
-                    if urlsplit(url).scheme not in ("http", "https"):
-                        raise ImageError(f"image {shown!r} redirects to an unsupported URL scheme")
-                    if not presigned:
-                        self._check_host(url)
+                    self._check(url, shown, presigned)
                     continue
                 _check_status(response, shown)
                 return self._read(response, shown)
@@ -190,20 +192,11 @@ def _session(retries: int) -> requests.Session:
                   status_forcelist=(500, 502, 503, 504), allowed_methods=frozenset({"GET"}),
                   raise_on_status=False, redirect=False)
     session = requests.Session()
+    session.trust_env = False  # no ~/.netrc credentials or proxy variables slipped into image requests
     adapter = HTTPAdapter(max_retries=retry)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     return session
-
-
-def _origin(url: str) -> tuple[str, str, int | None]:
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    try:
-        port = parts.port or {"http": 80, "https": 443}.get(scheme)
-    except ValueError:
-        port = None
-    return scheme, (parts.hostname or "").lower(), port
 
 
 def _check_status(response: requests.Response, shown: str) -> None:
