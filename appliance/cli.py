@@ -14,11 +14,15 @@ def _up(args) -> None:
 
 
 def _run(args) -> None:
-    from appliance import programs, runtime, secrets, supervise
+    from appliance import orphans, programs, runtime, secrets, supervise
 
+    parent = int(os.environ.get("APPLIANCE_SUPERVISOR_PID") or 0) or None  # set by `appliance up`
+    supervise.tie_to(parent)
     settings = runtime.load()
+    lock = orphans.hold_programs_lock(settings.run_dir)  # inherited by the child: orphans can be found later
     argv, env = programs.command(args.name, settings)
-    raise SystemExit(supervise.run_prefixed(args.name, argv, env, secrets.secret_values(settings)))
+    raise SystemExit(supervise.run_prefixed(args.name, argv, env, secrets.secret_values(settings),
+                                            keep_fds=(lock,), parent=parent))
 
 
 def _bootstrap(args) -> None:

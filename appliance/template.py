@@ -45,7 +45,10 @@ def label_config(settings: Settings) -> str:
     else:
         return default_template(settings.label_list, settings.metadata_list)
     try:
-        ElementTree.fromstring(xml)
+        root = ElementTree.fromstring(xml)
     except ElementTree.ParseError as error:
         raise TemplateError(f"{origin}: the labeling template is not valid XML ({error}). Fix the XML.") from None
+    if root.tag != "View":
+        raise TemplateError(f"{origin}: the labeling template must have <View> as its root element, not "
+                            f"<{root.tag}>. Wrap it in <View>...</View>.")
     return xml

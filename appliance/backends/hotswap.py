@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
@@ -41,7 +42,7 @@ class ModelSlot:
         self.poll_seconds = poll_seconds
         self.serving: Serving | None = None
         self.error: str | None = None  # why the registry's current version does not serve, for /health
-        self.failed: str | None = None  # that version: not retried until current changes
+        self.failed: tuple[str, tuple] | None = None  # that version and its files: retried when either changes
         self.loading: str | None = None
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -67,7 +68,10 @@ class ModelSlot:
         """Load and serve the registry's current version if it is not the one serving."""
         current = self.registry.current()
         serving = self.serving
-        if current is None or (serving and serving.version == current.version) or self.failed == current.version:
+        if current is None or (serving and serving.version == current.version):
+            return
+        files = fingerprint(current.path)
+        if self.failed == (current.version, files):
             return
         self.loading = current.version
         try:
@@ -75,7 +79,9 @@ class ModelSlot:
         except Exception as error:  # a broken version never replaces a working one
             log.error("version %s cannot be loaded, still serving %s: %s", current.version,
                       serving.version if serving else "nothing", error)
-            self.failed, self.error = current.version, f"version {current.version} cannot be loaded: {error}"
+            self.failed = (current.version, files)
+            self.error = (f"version {current.version} failed to load: {error}; fix or replace its files (it is "
+                          f"retried when they change) or roll back with `appliance model use`")
             return
         finally:
             self.loading = None
@@ -83,3 +89,11 @@ class ModelSlot:
             self.serving = Serving(current.version, model)
         self.failed = self.error = None
         log.info("now serving %s (was %s)", current.version, serving.version if serving else "nothing")
+
+
+def fingerprint(folder: Path) -> tuple:
+    """Name, size and modification time of every file of a version: a fixed file changes it."""
+    try:
+        return tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file()))
+    except OSError:
+        return ()

@@ -74,7 +74,9 @@ class PredictBackend(Backend):
         return serving.version if serving else NO_MODEL
 
     def status(self) -> dict:
-        if self.slot.get() is None:
+        if self.slot.get() is None and self.slot.failed:
+            message = self.slot.error  # a version exists but failed to load: "no model yet" would mislead
+        elif self.slot.get() is None:
             message = ("no model yet: submit annotations and the trainer publishes one "
                        "(or set APPLIANCE_DETECTOR_WEIGHTS)")
         else:

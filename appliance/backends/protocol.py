@@ -158,10 +158,12 @@ def _check_auth(credentials: tuple[str, str] | None) -> bool:
     if not header.startswith("Basic "):
         return False
     try:
-        user, _, password = base64.b64decode(header[6:]).decode().partition(":")
+        user, _, password = base64.b64decode(header[6:]).partition(b":")
     except ValueError:
         return False
-    return hmac.compare_digest(user, credentials[0]) & hmac.compare_digest(password, credentials[1])
+    # bytes, not str: compare_digest refuses non-ASCII str (a TypeError, answered 500 instead of 401)
+    return (hmac.compare_digest(user, credentials[0].encode())
+            & hmac.compare_digest(password, credentials[1].encode()))
 
 
 def create_app(backend: Backend, credentials: tuple[str, str] | None = None) -> Flask:

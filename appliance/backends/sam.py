@@ -20,6 +20,7 @@ from appliance.backends.labeling import LabelingError, LabelingSpec
 from appliance.backends.prefetch import Prefetcher
 from appliance.backends.prompts import Prompts, select_prompts
 from appliance.backends.protocol import Backend, BadRequest, PredictRequest, SetupRequest
+from appliance.backends.url_memo import UrlMemo
 from appliance.models.sam.cache import EmbeddingCache, content_key
 from appliance.models.sam.engine import Embedding, PromptError, SamEngine
 from appliance.settings import Settings
@@ -31,6 +32,7 @@ class NotReady(RuntimeError):
 
 
 URL_MEMO_SECONDS = 300  # how long a URL is trusted to still hold the same bytes (saves a download per click)
+URL_MEMO_ENTRIES = 4096  # URLs remembered at most (least recently used forgotten first)
 
 
 class SamBackend(Backend):
@@ -43,8 +45,7 @@ class SamBackend(Backend):
         self.cache = EmbeddingCache(settings.sam_cache_mb * 1024 * 1024)
         self.fetcher = ImageFetcher(settings.studio_base_url, settings.secret("api_key"), settings.allowed_hosts,
                                     settings.image_max_mb * 1024 * 1024)
-        self._url_keys: dict[str, tuple[str, float]] = {}
-        self._url_lock = threading.Lock()
+        self._url_keys = UrlMemo(URL_MEMO_ENTRIES, URL_MEMO_SECONDS)
         self.prefetcher = Prefetcher(settings, self.warm)
 
     # --- lifecycle -----------------------------------------------------------------------------
@@ -72,7 +73,8 @@ class SamBackend(Backend):
         return f"sam-{self.settings.sam_model_type}"
 
     def status(self) -> dict:
-        return {"error": self.load_error, "cache": self.cache.stats(), "prefetch_queue": self.prefetcher.pending(),
+        return {"error": self.load_error, "cache": self.cache.stats(), "url_memo": self._url_keys.stats(),
+                "prefetch_queue": self.prefetcher.pending(),
                 "device": str(self.engine.device) if self.engine else None}
 
     def setup(self, req: SetupRequest) -> None:
@@ -95,8 +97,7 @@ class SamBackend(Backend):
                 return cached
         data = self.fetcher.fetch(url, task_id)
         key = content_key(data)
-        with self._url_lock:
-            self._url_keys[url] = (key, time.monotonic())
+        self._url_keys.put(url, key)
         max_pixels = self.settings.image_max_megapixels * 1_000_000
         return self.cache.get_or_compute(key, lambda: engine.embed(decode_image(data, max_pixels)))
 
@@ -104,12 +105,7 @@ class SamBackend(Backend):
         self.embedding(url, task_id)
 
     def _known_key(self, url: str) -> str | None:
-        with self._url_lock:
-            known = self._url_keys.get(url)
-            if known and time.monotonic() - known[1] < URL_MEMO_SECONDS:
-                return known[0]
-            self._url_keys.pop(url, None)
-        return None
+        return self._url_keys.get(url)
 
     def _engine(self) -> SamEngine:
         if self.engine is None:

@@ -8,6 +8,7 @@ and is reported in ``<data>/trainer/status.json`` (shown by `appliance status`).
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
@@ -22,12 +23,16 @@ from pathlib import Path
 from typing import Iterator
 
 from appliance import bootstrap
+from appliance.supervise import die_with_parent
 from appliance.trainer import journal
 from appliance.trainer.schedule import Schedule
 from appliance.trainer.status import StatusFile
 from appliance.settings import Settings
 
 log = logging.getLogger("trainer")
+
+DISK_RETRY_S = (20, 600)  # after a run failed on a full disk: first wait before trying again, longest wait
+STEP_RETRY_S = 30  # after an unexpected error in the loop itself
 
 
 class TrainingFailed(RuntimeError):
@@ -72,6 +77,8 @@ class Trainer:
         self.requests = settings.trainer_dir / "requests"
         self.wake = threading.Event()
         self.timings: dict[str, float] = {}
+        self.retry_at: float | None = None  # a run that failed on a full disk is tried again from then
+        self.retry_wait = DISK_RETRY_S[0]
         self._last_lap = time.monotonic()
         self.watcher = journal.JournalWatcher([settings.journal_dir, self.requests], self.wake)
 
@@ -86,15 +93,23 @@ class Trainer:
         while not stop.is_set():
             self.wake.wait(5)
             self.wake.clear()
-            self.tick()
+            try:
+                self.tick()
+            except Exception as error:  # never a crash loop (a full disk, a vanished folder): report, wait, retry
+                log.error("trainer step failed: %s; trying again in %d s", error, STEP_RETRY_S)
+                self._retry_later(error)
+                stop.wait(STEP_RETRY_S)
 
     def tick(self) -> dict | None:
         changed, last_change = self.watcher.pending(self.settings.journal_dir)
         requests = sorted(self.requests.glob("*.json")) if self.requests.exists() else []
         self.status.update(pending_changes=changed)
-        reason = self.schedule.due(changed, last_change, bool(requests), time.time())
+        retry = self.retry_at is not None and time.time() >= self.retry_at
+        reason = self.schedule.due(changed, last_change, bool(requests) or retry, time.time())
         if reason is None:
             return None
+        if retry and not requests:
+            reason = "retry after a full disk"
         for path in requests:
             path.unlink(missing_ok=True)
         return self.run(reason, waited=time.time() - last_change if last_change else None)
@@ -125,10 +140,22 @@ class Trainer:
                 log.error("run %s failed: %s", run_id, error)
                 outcome = {"result": "failed", "error": str(error)}
             outcome.update(run=run_id, seconds=round(time.time() - began, 1), reason=reason, timings=self.timings)
+            if outcome["result"] == "failed" and self._retry_later(outcome["error"]):
+                outcome["error"] += f"; trying again in {self.retry_at - time.time():.0f} s"
+            elif outcome["result"] != "failed":
+                self.retry_at, self.retry_wait = None, DISK_RETRY_S[0]
             self.status.update(state="failed" if outcome["result"] == "failed" else "idle", stage=None,
                                last=outcome, error=outcome.get("error"))
             log.info("run %s: %s", run_id, json.dumps(outcome))
             return outcome
+
+    def _retry_later(self, error) -> bool:
+        """After a full disk, try the run again later (waits double up to a limit); True when scheduled."""
+        if not _disk_full(error):
+            return False
+        self.retry_at = time.time() + self.retry_wait
+        self.retry_wait = min(self.retry_wait * 2, DISK_RETRY_S[1])
+        return True
 
     def _run(self, run_id: str) -> dict:
         work = self.settings.trainer_dir / "runs" / run_id
@@ -154,8 +181,9 @@ class Trainer:
         elif current is not None:
             command += ["--current", str(current.path)]
         env = {**os.environ, "OMP_NUM_THREADS": str(self.settings.train_threads)}
+        # The job dies with the trainer, even a trainer killed with -9: no training run outlives the appliance.
         return self._follow(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                             env=env))
+                                             env=env, preexec_fn=die_with_parent))
 
     def _follow(self, proc: subprocess.Popen) -> dict:
         metrics, error = None, None
@@ -234,6 +262,12 @@ def better(candidate: dict | None, current: dict | None) -> bool:
         return candidate is not None and current is None
     key = lambda m: (round(m.get("segm_mAP", 0.0), 4), round(m.get("bbox_mAP", 0.0), 4))  # noqa: E731
     return key(candidate) > key(current)
+
+
+def _disk_full(error) -> bool:
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    return "No space left on device" in str(error) or "Disk quota exceeded" in str(error)
 
 
 def _same_classes(model_dir: Path, labels: list[str]) -> bool:
