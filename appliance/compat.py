@@ -181,3 +181,15 @@ def fix_config(cfg: Any) -> Any:
         # RTMDet-Ins computes the mask loss on the padded batch shape.
         pre["pad_mask"] = True
     return cfg
+
+
+# --- deterministic training -------------------------------------------------------
+# WHY: a training run is seeded with mmengine's randomness=dict(seed, deterministic=True), which calls
+# torch.use_deterministic_algorithms(True). On CUDA, cuBLAS then refuses to run unless this workspace setting is
+# in the environment before the first cuBLAS call (CPU runs ignore it).
+# WHEN TO REMOVE: when torch no longer needs CUBLAS_WORKSPACE_CONFIG for deterministic cuBLAS.
+
+def deterministic_env() -> None:
+    import os
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")

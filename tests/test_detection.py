@@ -105,8 +105,9 @@ def test_predict_rejects_non_rgb(detector):
 def test_evaluate_returns_map_in_unit_interval(detector, tmp_path):
     make_dataset(tmp_path, 2, CLASSES, seed=9)
     metrics = evaluate(detector, tmp_path / "annotations.json", tmp_path / "images")
-    assert set(metrics) == {"bbox_mAP", "segm_mAP"}
-    assert all(0.0 <= v <= 1.0 for v in metrics.values())
+    assert set(metrics) == {"bbox_mAP", "segm_mAP", "bbox_AP50", "segm_AP50", "images", "objects"}
+    assert all(0.0 <= metrics[k] <= 1.0 for k in ("bbox_mAP", "segm_mAP", "bbox_AP50", "segm_AP50"))
+    assert metrics["images"] == 2 and metrics["objects"] > 0
 
 
 def test_evaluate_perfect_predictions_score_one(tmp_path):
@@ -128,7 +129,8 @@ def test_evaluate_perfect_predictions_score_one(tmp_path):
                        tmp_path / "annotations.json", tmp_path / "images")
     assert metrics["bbox_mAP"] > 0.99 and metrics["segm_mAP"] > 0.99
     nothing = evaluate(lambda image: [], tmp_path / "annotations.json", tmp_path / "images")
-    assert nothing == {"bbox_mAP": 0.0, "segm_mAP": 0.0}
+    assert nothing == {"bbox_mAP": 0.0, "segm_mAP": 0.0, "bbox_AP50": 0.0, "segm_AP50": 0.0,
+                       "images": 3, "objects": metrics["objects"]}
 
 
 def test_corrupt_weights_fail_clearly(trained, tmp_path):

@@ -44,8 +44,10 @@ class PredictBackend(Backend):
     def _load(self, version):
         from appliance.models.detection.model import Detector
 
+        store = self.settings.embeddings_dir if self.settings.embedding_store_mb > 0 else None
         return Detector(version.path, device=self.settings.device, score_threshold=self.settings.score_threshold,
-                        batch_size=self.settings.predict_batch)
+                        batch_size=self.settings.predict_batch, embedding_store=store,
+                        embedding_store_mb=self.settings.embedding_store_mb)
 
     def start(self) -> None:
         self.slot.start()
@@ -108,30 +110,35 @@ class PredictBackend(Backend):
             spec = labeling.parse(config)
         except LabelingError as error:
             return [{"error": str(error)} for _ in req.tasks]
-        images, errors = self._images(req.tasks, spec)
+        images, keys, errors = self._images(req.tasks, spec)
         ok = [i for i in range(len(req.tasks)) if i not in errors]
-        detections = serving.model.predict_batch([images[i] for i in ok]) if ok else []
+        detections = serving.model.predict_batch([images[i] for i in ok], keys=[keys[i] for i in ok]) if ok else []
         by_task = dict(zip(ok, detections))
         mapper = self._mapper(config, spec)
         return [self._result(spec, mapper, images[i], by_task[i], serving.version) if i in by_task
                 else {"error": errors[i]} for i in range(len(req.tasks))]
 
-    def _images(self, tasks: list[dict], spec: LabelingSpec) -> tuple[dict[int, np.ndarray], dict[int, str]]:
-        """Fetch and decode every task's image, a few at a time (I/O while the model waits)."""
+    def _images(self, tasks: list[dict], spec: LabelingSpec
+                ) -> tuple[dict[int, np.ndarray], dict[int, str], dict[int, str]]:
+        """Fetch and decode every task's image, a few at a time (I/O while the model waits); with each, the content
+        key of its bytes (where a sam-det model finds the embedding the SAM backend stored)."""
+        from appliance.models.sam.cache import content_key
+
         max_pixels = self.settings.image_max_megapixels * 1_000_000
 
-        def load(task: dict) -> np.ndarray:
-            return decode_image(self.fetcher.fetch(labeling.image_url(task, spec.image_key), task.get("id")), max_pixels)
+        def load(task: dict) -> tuple[np.ndarray, str]:
+            data = self.fetcher.fetch(labeling.image_url(task, spec.image_key), task.get("id"))
+            return decode_image(data, max_pixels), content_key(data)
 
-        images, errors = {}, {}
+        images, keys, errors = {}, {}, {}
         futures = {i: self.loader.submit(load, task) for i, task in enumerate(tasks)}
         for i, future in futures.items():
             try:
-                images[i] = future.result()
+                images[i], keys[i] = future.result()
             except (ImageError, LabelingError) as error:  # this task fails, the others go on
                 log.info("task %s: %s", tasks[i].get("id"), error)
                 errors[i] = f"task {tasks[i].get('id')}: {error}"
-        return images, errors
+        return images, keys, errors
 
     def _mapper(self, config: str, spec: LabelingSpec) -> LabelMapper:
         if config not in self.mappers:
@@ -152,12 +159,15 @@ class PredictBackend(Backend):
 
     @staticmethod
     def _regions(spec: LabelingSpec, det, label: str, size: tuple[int, int]) -> list[dict]:
+        from appliance.models.detection.model import exact_size
+
         regions = []
         if det.mask is not None:
+            mask = exact_size(det.mask, *size)  # the region's original_width/height are the image's
             if spec.control("BrushLabels"):
-                regions.append(labeling.brush_region(spec, det.mask, label, det.score))
+                regions.append(labeling.brush_region(spec, mask, label, det.score))
             else:
-                regions += labeling.polygon_regions(spec, det.mask, label, det.score)
+                regions += labeling.polygon_regions(spec, mask, label, det.score)
         box = labeling.rectangle_region(spec, det.bbox, size, label, det.score)
         if box is not None:
             regions.append(box)

@@ -23,6 +23,7 @@ from appliance.backends.protocol import Backend, BadRequest, PredictRequest, Set
 from appliance.backends.url_memo import UrlMemo
 from appliance.models.sam.cache import EmbeddingCache, content_key
 from appliance.models.sam.engine import Embedding, PromptError, SamEngine
+from appliance.models.sam.store import EmbeddingStore
 from appliance.settings import Settings
 
 log = logging.getLogger("sam")
@@ -45,6 +46,9 @@ class SamBackend(Backend):
         self.cache = EmbeddingCache(settings.sam_cache_mb * 1024 * 1024)
         self.fetcher = ImageFetcher(settings.studio_base_url, settings.secret("api_key"), settings.allowed_hosts,
                                     settings.image_max_mb * 1024 * 1024)
+        # On disk, shared: the trainer and the prediction backend read the embeddings computed here.
+        self.store = EmbeddingStore(settings.embeddings_dir, settings.embedding_store_mb * 1024 * 1024,
+                                    settings.sam_model_type) if settings.embedding_store_mb > 0 else None
         self._url_keys = UrlMemo(URL_MEMO_ENTRIES, URL_MEMO_SECONDS)
         self.prefetcher = Prefetcher(settings, self.warm)
 
@@ -98,8 +102,22 @@ class SamBackend(Backend):
         data = self.fetcher.fetch(url, task_id)
         key = content_key(data)
         self._url_keys.put(url, key)
-        max_pixels = self.settings.image_max_megapixels * 1_000_000
-        return self.cache.get_or_compute(key, lambda: engine.embed(decode_image(data, max_pixels)))
+        return self.cache.get_or_compute(key, lambda: self._embed(engine, key, data))
+
+    def _embed(self, engine: SamEngine, key: str, data: bytes) -> Embedding:
+        """From the shared store when another process (or an earlier run) encoded this image, else encoded here
+        and stored for the others."""
+        image = decode_image(data, self.settings.image_max_megapixels * 1_000_000)
+        stored = self.store.get(key) if self.store is not None else None
+        if stored is not None:
+            return engine.from_features(stored, image.shape[:2])
+        embedding = engine.embed(image)
+        if self.store is not None:
+            try:
+                self.store.put(key, embedding.features.float().cpu().numpy())
+            except OSError as error:  # a full disk costs the others an encode, never this click
+                log.warning("embedding not stored: %s", error)
+        return embedding
 
     def warm(self, url: str, task_id: int | None) -> None:
         self.embedding(url, task_id)

@@ -12,7 +12,7 @@ from appliance.backends import labeling
 from appliance.backends.images import ImageFetcher
 from appliance.settings import Settings
 from appliance.trainer import journal
-from appliance.trainer.dataset import DatasetInfo, build_dataset
+from appliance.trainer.dataset import DatasetInfo, build_dataset, choose_holdout
 
 LABEL_TAGS = ("BrushLabels", "PolygonLabels", "RectangleLabels")
 
@@ -29,10 +29,15 @@ class Datasets:
     train_info: DatasetInfo
     holdout_info: DatasetInfo
 
+    def trained_labels(self) -> list[str]:
+        """The labels with at least one training object, in template order."""
+        return [label for label in self.labels if self.train_info.per_label.get(label, 0) > 0]
+
     def summary(self) -> dict:
         return {"train_images": self.train_info.images, "train_objects": self.train_info.objects,
                 "holdout_images": self.holdout_info.images, "holdout_objects": self.holdout_info.objects,
-                "skipped_tasks": len(self.train_info.skipped) + len(self.holdout_info.skipped)}
+                "skipped_tasks": len(self.train_info.skipped) + len(self.holdout_info.skipped),
+                "holdout_ids": sorted(self.holdout_info.task_ids)[:1000]}
 
 
 def project_spec(settings: Settings) -> labeling.LabelingSpec:
@@ -62,7 +67,9 @@ def build_datasets(settings: Settings, work: Path) -> Datasets:
     labels = model_labels(spec)
     fetcher = ImageFetcher(settings.studio_base_url, settings.secret("api_key"), settings.allowed_hosts,
                            settings.image_max_mb * 1024 * 1024)
+    holdout_ids = choose_holdout(tasks, settings.holdout_percent)
     common = dict(labels=labels, fetch=fetcher.fetch, holdout_percent=settings.holdout_percent,
+                  holdout_ids=holdout_ids,
                   image_cache=settings.cache_dir / "images", image_key=spec.image_key,
                   max_pixels=settings.image_max_megapixels * 1_000_000)
     train = build_dataset(tasks, out_dir=work / "train", split="train", **common)

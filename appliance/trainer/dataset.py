@@ -24,6 +24,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ from pycocotools import mask as mask_utils
 
 from appliance.backends.images import decode_image
 from appliance.backends.labeling import image_url
+from appliance.models.sam.cache import content_key
 
 log = logging.getLogger("trainer.dataset")
 
@@ -58,6 +60,7 @@ class DatasetInfo:
     negatives: int = 0                      # images written with zero objects
     per_label: dict[str, int] = field(default_factory=dict)
     skipped: list[tuple[int, str]] = field(default_factory=list)  # (task id, reason)
+    task_ids: list[int] = field(default_factory=list)  # the tasks written
     annotations_path: Path | None = None
 
 
@@ -69,6 +72,27 @@ def split_of(task_id: int, holdout_percent: int, seed: str = "appliance") -> Spl
         raise ValueError(f"holdout_percent must be within 0..100, got {holdout_percent}")
     digest = hashlib.sha256(f"{seed}:{int(task_id)}".encode()).digest()
     return "holdout" if int.from_bytes(digest[:8], "big") % 100 < holdout_percent else "train"
+
+
+MIN_HOLDOUT_IMAGES = 3
+
+
+def choose_holdout(tasks: list[dict], holdout_percent: int, minimum: int = MIN_HOLDOUT_IMAGES,
+                   seed: str = "appliance") -> set[int]:
+    """The task ids held out for evaluation: big enough to decide on, stable as the project grows.
+
+    Rule: of the n tasks with a usable annotation, hold out k = max(ceil(holdout_percent % of n), minimum)
+    tasks, but never more than n // 2 (training keeps at least half). Which ones: the k with the lowest hash of
+    (seed, task id), so a task's place depends only on its id, and the held-out set changes little as tasks come.
+    With 20 annotated tasks and the defaults that is 4 tasks (3 with 6..15 tasks, 2 with 5, 1 with 2..3).
+    """
+    ids = sorted({int(t["id"]) for t in tasks if choose_annotation(t) is not None}, key=lambda i: _rank(i, seed))
+    k = min(max(math.ceil(len(ids) * holdout_percent / 100), minimum), len(ids) // 2)
+    return set(ids[:k])
+
+
+def _rank(task_id: int, seed: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{int(task_id)}".encode()).digest()[:8], "big")
 
 
 def dataset_fingerprint(tasks: list[dict]) -> str:
@@ -211,7 +235,8 @@ def _iou(a: list[float], b: list[float]) -> float:
 # --- build ----------------------------------------------------------------------------------------
 def build_dataset(tasks: list[dict], labels: list[str], out_dir: Path, fetch: Fetch, split: Split,
                   holdout_percent: int, image_cache: Path, *, image_key: str = "image",
-                  max_pixels: int = DEFAULT_MAX_PIXELS, seed: str = "appliance") -> DatasetInfo:
+                  max_pixels: int = DEFAULT_MAX_PIXELS, seed: str = "appliance",
+                  holdout_ids: set[int] | None = None) -> DatasetInfo:
     """Write out_dir/annotations.json + out_dir/images/ from the tasks of `split`.
 
     A task without a usable annotation or whose image cannot be fetched or decoded is recorded in
@@ -227,7 +252,9 @@ def build_dataset(tasks: list[dict], labels: list[str], out_dir: Path, fetch: Fe
     annotations: list[dict] = []
     for task in sorted(tasks, key=lambda t: int(t["id"])):
         task_id = int(task["id"])
-        if split_of(task_id, holdout_percent, seed) != split:
+        held_out = task_id in holdout_ids if holdout_ids is not None else \
+            split_of(task_id, holdout_percent, seed) == "holdout"
+        if ("holdout" if held_out else "train") != split:
             continue
         annotation = choose_annotation(task)
         if annotation is None:
@@ -242,8 +269,10 @@ def build_dataset(tasks: list[dict], labels: list[str], out_dir: Path, fetch: Fe
         except Exception as exc:  # noqa: BLE001 - one bad task must not abort the build
             info.skipped.append((task_id, f"{type(exc).__name__}: {exc}"))
             continue
+        info.task_ids.append(task_id)
+        # content_key: the key of the image's SAM embedding in the shared store (sam-det trains on it).
         images.append({"id": task_id, "file_name": file_name, "width": int(pixels.shape[1]),
-                       "height": int(pixels.shape[0])})
+                       "height": int(pixels.shape[0]), "content_key": content_key(data)})
         for obj in objects:
             annotations.append(_coco_annotation(len(annotations) + 1, task_id, obj, labels))
             info.per_label[obj["label"]] += 1

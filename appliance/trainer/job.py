@@ -18,14 +18,17 @@ def emit(event: dict) -> None:
     print(json.dumps(event), flush=True)
 
 
-def holdout_metrics(model_dir: Path, holdout: Path, device: str, img_size: int | None) -> dict | None:
+def holdout_metrics(model_dir: Path, holdout: Path, device: str, img_size: int | None,
+                    embeddings: Path | None = None, embeddings_mb: int = 2048) -> dict | None:
     from appliance.models.detection.evaluate import evaluate
     from appliance.models.detection.model import Detector
 
     annotations = holdout / "annotations.json"
     if not annotations.exists() or not json.loads(annotations.read_text()).get("images"):
         return None
-    return evaluate(Detector(model_dir, device=device, score_threshold=0.05), annotations, holdout / "images")
+    detector = Detector(model_dir, device=device, score_threshold=0.05, embedding_store=embeddings,
+                        embedding_store_mb=embeddings_mb)
+    return evaluate(detector, annotations, holdout / "images")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -42,6 +45,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--img-size", type=int, default=320)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--embeddings", type=Path, help="the shared SAM embedding store")
+    parser.add_argument("--embeddings-mb", type=int, default=2048)
+    parser.add_argument("--sam-model-type", default="vit_t")
+    parser.add_argument("--sam-checkpoint", type=Path)
     args = parser.parse_args(argv)
 
     import torch
@@ -51,9 +58,12 @@ def main(argv: list[str] | None = None) -> None:
 
     train(args.train, args.classes.split(","), args.out, arch=args.arch, init_weights=args.init,
           epochs=args.epochs, batch_size=args.batch_size, threads=args.threads, img_size=args.img_size,
-          device=args.device, progress=emit)
-    candidate = holdout_metrics(args.out, args.holdout, args.device, args.img_size)
-    current = holdout_metrics(args.current, args.holdout, args.device, args.img_size) if args.current else None
+          device=args.device, progress=emit, embedding_store=args.embeddings, embedding_store_mb=args.embeddings_mb,
+          sam_model_type=args.sam_model_type, sam_checkpoint=args.sam_checkpoint)
+    store = (args.embeddings, args.embeddings_mb)
+    candidate = holdout_metrics(args.out, args.holdout, args.device, args.img_size, *store)
+    current = holdout_metrics(args.current, args.holdout, args.device, args.img_size, *store) if args.current \
+        else None
     emit({"event": "metrics", "candidate": candidate, "current": current})
 
 

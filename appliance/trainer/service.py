@@ -171,12 +171,21 @@ class Trainer:
 
     def _train(self, work: Path, datasets) -> dict:
         current = self.registry.current()
+        # Only labels with a training example: a model never predicts a class it has not seen.
+        classes = datasets.trained_labels()
         command = [sys.executable, "-m", "appliance.trainer.job", "--train", str(datasets.train),
                    "--holdout", str(datasets.holdout), "--out", str(work / "model"),
-                   "--classes", ",".join(datasets.labels), "--arch", self.settings.train_arch,
+                   "--classes", ",".join(classes), "--arch", self.settings.train_arch,
                    "--epochs", str(self.settings.train_epochs), "--img-size", str(self.settings.train_img_size),
-                   "--threads", str(self.settings.train_threads), "--device", self.settings.device]
-        if current is not None and _same_classes(current.path, datasets.labels):
+                   "--threads", str(self.settings.train_threads), "--device", self.settings.device,
+                   "--embeddings-mb", str(self.settings.embedding_store_mb),
+                   "--sam-model-type", self.settings.sam_model_type]
+        if self.settings.embedding_store_mb > 0:  # the SAM embeddings the SAM backend stored for the clicks
+            command += ["--embeddings", str(self.settings.embeddings_dir)]
+        if self.settings.sam_checkpoint:
+            command += ["--sam-checkpoint", str(self.settings.sam_checkpoint)]
+        if current is not None and _same_classes(current.path, classes) and \
+                _same_arch(current.path, self.settings.train_arch):
             command += ["--init", str(current.path / "weights.pth"), "--current", str(current.path)]
         elif current is not None:
             command += ["--current", str(current.path)]
@@ -223,6 +232,13 @@ class Trainer:
         candidate, current = metrics.get("candidate"), metrics.get("current")
         serving = self.registry.current()
         self.status.update(stage="evaluate")
+        if serving is None and not finds_something(candidate):
+            # The first model must find something on held-out tasks: a model that finds nothing would only
+            # pre-annotate noise (or nothing) on every task.
+            return {"result": "rejected", "candidate": candidate, "serving": None,
+                    "why": "first model not published: it found nothing on the held-out tasks (AP50 0 on "
+                           f"{(candidate or {}).get('images', 0)} image(s)); annotate more" if candidate else
+                           "first model not published: no held-out annotations to check it on yet; annotate more"}
         if serving is not None and not better(candidate, current):
             return {"result": "rejected", "candidate": candidate, "serving": current,
                     "why": "not better than the serving model on the held-out tasks" if candidate else
@@ -268,6 +284,24 @@ def _disk_full(error) -> bool:
     if isinstance(error, OSError):
         return error.errno in (errno.ENOSPC, errno.EDQUOT)
     return "No space left on device" in str(error) or "Disk quota exceeded" in str(error)
+
+
+def finds_something(metrics: dict | None) -> bool:
+    """Held-out AP50 above zero (segmentation, or boxes for a box-only model)."""
+    if not metrics:
+        return False
+    return max(metrics.get("segm_AP50", 0.0), metrics.get("bbox_AP50", 0.0),
+               metrics.get("segm_mAP", 0.0), metrics.get("bbox_mAP", 0.0)) > 0
+
+
+def _same_arch(model_dir: Path, arch: str) -> bool:
+    """Whether the version was trained as ``arch`` (its weights can initialise the new run)."""
+    try:
+        from mmengine.config import Config
+
+        return Config.fromfile(str(model_dir / "config.py")).get("arch") == arch
+    except Exception:  # noqa: BLE001 - an unreadable config is simply not the same architecture
+        return False
 
 
 def _same_classes(model_dir: Path, labels: list[str]) -> bool:

@@ -12,16 +12,21 @@ DEFAULT_ARCH = "rtmdet-ins-tiny"
 
 @dataclass(frozen=True)
 class ArchSpec:
-    config: str        # path inside mmdet's bundled configs (mmdet/.mim/configs)
-    base_size: int     # the short image side the bundled pipelines are written for
-    base_lr: float     # learning rate for `base_batch` images per step
+    config: str | None  # path inside mmdet's bundled configs (mmdet/.mim/configs); None: built here
+    base_size: int      # the short image side the bundled pipelines are written for
+    base_lr: float      # the recipe's learning rate for `base_batch` images per step
     base_batch: int
 
 
+SAM_DET = "sam-det"
+
 ARCHS: dict[str, ArchSpec] = {
-    # CPU default: ~5M params, trains from scratch in minutes on small sets.
-    "rtmdet-ins-tiny": ArchSpec("rtmdet/rtmdet-ins_tiny_8xb32-300e_coco.py", 640, 0.004, 4),
-    "rtmdet-ins-s": ArchSpec("rtmdet/rtmdet-ins_s_8xb32-300e_coco.py", 640, 0.004, 4),
+    # A box head on SAM's frozen image encoder, masks from SAM's decoder (appliance.models.detection.samdet).
+    # Its recipe: AdamW 2e-3 for a batch of 8.
+    SAM_DET: ArchSpec(None, 1024, 0.002, 8),
+    # ~5M params, trained from scratch. Recipes: 8 GPUs x 32 images (RTMDet), 8 x 2 (Mask R-CNN).
+    "rtmdet-ins-tiny": ArchSpec("rtmdet/rtmdet-ins_tiny_8xb32-300e_coco.py", 640, 0.004, 256),
+    "rtmdet-ins-s": ArchSpec("rtmdet/rtmdet-ins_s_8xb32-300e_coco.py", 640, 0.004, 256),
     "mask-rcnn-r50": ArchSpec("mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py", 800, 0.02, 16),
 }
 
@@ -32,6 +37,8 @@ def bundled_config_path(arch: str) -> Path:
     import mmdet
 
     spec = arch_spec(arch)
+    if spec.config is None:
+        raise ValueError(f"{arch} has no bundled MMDetection config")
     return Path(mmdet.__file__).parent / ".mim" / "configs" / spec.config
 
 
@@ -53,25 +60,40 @@ def build_config(
     img_size: int | None = None,
     num_workers: int = 0,
     load_from: Path | None = None,
+    embedding_store: Path | None = None,
+    embedding_store_mb: int = 2048,
+    sam_model_type: str = "vit_t",
+    sam_checkpoint: Path | None = None,
 ) -> Any:
     """A training + inference Config for `arch`.
 
     dataset_dir holds annotations.json (COCO, category names == classes) and
     images/. img_size is the training/inference square size (default: the
-    architecture's own, 640 for RTMDet). lr defaults to the architecture's
-    rate scaled linearly to batch_size.
+    architecture's own, 640 for RTMDet; sam-det always works in SAM's 1024
+    frame). lr defaults to the architecture's recipe rate scaled linearly to
+    batch_size, the batch actually used. sam-det reads and writes image
+    embeddings in embedding_store (a folder; None: computed every time).
     """
     from mmengine.config import Config
 
     if not classes:
         raise ValueError("need at least one class")
     spec = arch_spec(arch)
-    cfg = Config.fromfile(str(bundled_config_path(arch)))
-    compat.fix_config(cfg)
-    _set_num_classes(cfg.model, len(classes))
-    size = img_size or spec.base_size
-    _rescale_pipelines(cfg, size / spec.base_size)
-    _set_data(cfg, classes, dataset_dir, batch_size, num_workers)
+    if arch == SAM_DET:
+        from appliance.models.detection.samdet import config as samdet_config
+
+        checkpoint = str(sam_checkpoint) if sam_checkpoint else None
+        cfg = Config(samdet_config.base(len(classes), embedding_store, embedding_store_mb, sam_model_type,
+                                        checkpoint))
+        dataset_type = "SamEmbeddingCocoDataset"
+    else:
+        cfg = Config.fromfile(str(bundled_config_path(arch)))
+        compat.fix_config(cfg)
+        _set_num_classes(cfg.model, len(classes))
+        size = img_size or spec.base_size
+        _rescale_pipelines(cfg, size / spec.base_size)
+        dataset_type = "CocoDataset"
+    _set_data(cfg, classes, dataset_dir, batch_size, num_workers, dataset_type)
     _set_schedule(cfg, spec, epochs, batch_size, lr)
     cfg.work_dir = str(work_dir)
     # mmengine keeps visualizers as process-wide singletons by name: a second run in the same process would reuse
@@ -117,9 +139,9 @@ def _rescale_pipelines(cfg: Any, factor: float) -> None:
 
 
 def _set_data(cfg: Any, classes: list[str], dataset_dir: Path | None,
-              batch_size: int, num_workers: int) -> None:
+              batch_size: int, num_workers: int, dataset_type: str = "CocoDataset") -> None:
     dataset = dict(
-        type="CocoDataset",
+        type=dataset_type,
         metainfo=dict(classes=tuple(classes)),
         data_root=str(dataset_dir or ""),
         ann_file="annotations.json",
@@ -138,7 +160,7 @@ def _set_data(cfg: Any, classes: list[str], dataset_dir: Path | None,
         dataset=dataset,
     )
     # Inference reads only the pipeline; the Runner gets no val/test loop.
-    cfg.test_dataloader = dict(dataset=dict(type="CocoDataset", pipeline=cfg.test_pipeline))
+    cfg.test_dataloader = dict(dataset=dict(type=dataset_type, pipeline=cfg.test_pipeline))
     for key in ("val_dataloader", "val_cfg", "val_evaluator", "test_cfg", "test_evaluator"):
         cfg[key] = None
 

@@ -12,11 +12,13 @@ from PIL import Image
 from appliance.models.detection.model import Detection, Detector
 
 PredictFn = Callable[[np.ndarray], list[Detection]]
+KeyedPredictFn = Callable[[np.ndarray, "str | None"], list[Detection]]
 
 
 def evaluate(detector: Union[Detector, PredictFn], coco_json: Path, image_dir: Path,
              score_threshold: float = 0.05) -> dict[str, float]:
-    """{"bbox_mAP", "segm_mAP"} (COCO AP@[.5:.95], 0 when nothing is detected).
+    """{"bbox_mAP", "segm_mAP"} (COCO AP@[.5:.95], 0 when nothing is detected), "bbox_AP50", "segm_AP50" (AP at
+    IoU 0.5) and the number of held-out "images" and "objects" they were measured on.
 
     Detections are matched to categories by name. A Detector is run with
     score_threshold (low, as usual for mAP); a plain function is used as is.
@@ -31,17 +33,20 @@ def evaluate(detector: Union[Detector, PredictFn], coco_json: Path, image_dir: P
     for image_id in gt.getImgIds():
         info = gt.loadImgs(image_id)[0]
         image = np.asarray(Image.open(Path(image_dir) / info["file_name"]).convert("RGB"))
-        for det in predict(image):
+        for det in predict(image, info.get("content_key")):
             if det.label in category_ids:
                 results.append(_result(image_id, category_ids[det.label], det))
     with_masks = [r for r in results if "segmentation" in r]
-    return {"bbox_mAP": _map(gt, results, "bbox"), "segm_mAP": _map(gt, with_masks, "segm")}
+    bbox, segm = _map(gt, results, "bbox"), _map(gt, with_masks, "segm")
+    return {"bbox_mAP": bbox[0], "segm_mAP": segm[0], "bbox_AP50": bbox[1], "segm_AP50": segm[1],
+            "images": len(gt.getImgIds()), "objects": len(gt.getAnnIds())}
 
 
-def _predict_fn(detector: Union[Detector, PredictFn], score_threshold: float) -> PredictFn:
+def _predict_fn(detector: Union[Detector, PredictFn], score_threshold: float) -> KeyedPredictFn:
+    """(image, content key of its file or None) -> detections; the key finds a stored SAM embedding."""
     if isinstance(detector, Detector):
-        return lambda image: detector.predict(image, score_threshold=score_threshold)
-    return detector
+        return lambda image, key: detector.predict(image, score_threshold=score_threshold, key=key)
+    return lambda image, key: detector(image)
 
 
 def _result(image_id: int, category_id: int, det: Detection) -> dict:
@@ -57,15 +62,16 @@ def _result(image_id: int, category_id: int, det: Detection) -> dict:
     return result
 
 
-def _map(gt, results: list[dict], iou_type: str) -> float:
+def _map(gt, results: list[dict], iou_type: str) -> tuple[float, float]:
+    """(AP@[.5:.95], AP@.5)."""
     from pycocotools.cocoeval import COCOeval
 
     if not results or not gt.getAnnIds():
-        return 0.0
+        return 0.0, 0.0
     with contextlib.redirect_stdout(io.StringIO()):
         dt = gt.loadRes([dict(r) for r in results])  # loadRes edits its input
         ev = COCOeval(gt, dt, iou_type)
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    return float(max(0.0, ev.stats[0]))
+    return float(max(0.0, ev.stats[0])), float(max(0.0, ev.stats[1]))

@@ -28,7 +28,9 @@ class Detector:
     """A model loaded from a dir holding config.py, weights.pth and classes.json."""
 
     def __init__(self, model_dir: Path, device: str = "auto", score_threshold: float = 0.3,
-                 batch_size: int = 8) -> None:
+                 batch_size: int = 8, embedding_store: Path | None = None, embedding_store_mb: int = 2048) -> None:
+        """embedding_store: the shared SAM embedding folder (sam-det models read image embeddings there and store
+        the ones they compute); other models ignore it."""
         compat.install()
         self.model_dir = Path(model_dir)
         self.device = _pick_device(device)
@@ -38,34 +40,40 @@ class Detector:
         self.cfg = _read_config(self.model_dir / "config.py")
         self._model = _build_model(self.cfg, self.model_dir / "weights.pth", self.device)
         self._model.dataset_meta = {"classes": tuple(self.classes)}
-        self._pipeline = _build_pipeline(self.cfg)
+        self._pipeline = _build_pipeline(self.cfg, embedding_store, embedding_store_mb)
         self._lock = threading.Lock()
 
-    def predict(self, image: np.ndarray, score_threshold: float | None = None) -> list[Detection]:
-        """Detections in one RGB uint8 HxWx3 image."""
-        return self.predict_batch([image], score_threshold)[0]
+    def predict(self, image: np.ndarray, score_threshold: float | None = None,
+                key: str | None = None) -> list[Detection]:
+        """Detections in one RGB uint8 HxWx3 image (key: the content key of its file, see predict_batch)."""
+        return self.predict_batch([image], score_threshold, [key])[0]
 
-    def predict_batch(self, images: Sequence[np.ndarray],
-                      score_threshold: float | None = None) -> list[list[Detection]]:
-        """Detections per image; images go through the model batch_size at a time."""
+    def predict_batch(self, images: Sequence[np.ndarray], score_threshold: float | None = None,
+                      keys: Sequence[str | None] | None = None) -> list[list[Detection]]:
+        """Detections per image; images go through the model batch_size at a time.
+
+        keys: each image's content key (appliance.models.sam.cache.content_key of its file's bytes), under which
+        a sam-det model finds the image's SAM embedding in the shared store instead of encoding the image.
+        """
         threshold = self.score_threshold if score_threshold is None else score_threshold
+        keys = list(keys) if keys is not None else [None] * len(images)
         results: list[list[Detection]] = []
         for start in range(0, len(images), self.batch_size):
             chunk = images[start:start + self.batch_size]
-            batch = self._prepare(chunk)
+            batch = self._prepare(chunk, keys[start:start + self.batch_size])
             with self._lock:
                 _set_score_threshold(self._model, threshold)
                 samples = self._infer(batch)
             results.extend(self._detections(s, threshold) for s in samples)
         return results
 
-    def _prepare(self, images: Sequence[np.ndarray]) -> dict:
+    def _prepare(self, images: Sequence[np.ndarray], keys: Sequence[str | None]) -> dict:
         items = []
-        for image in images:
+        for image, key in zip(images, keys):
             _check_image(image)
             # Models are trained on cv2-loaded (BGR) images.
             bgr = np.ascontiguousarray(image[..., ::-1])
-            items.append(self._pipeline(dict(img=bgr, img_id=0)))
+            items.append(self._pipeline(dict(img=bgr, img_id=0, content_key=key)))
         return {"inputs": [i["inputs"] for i in items],
                 "data_samples": [i["data_samples"] for i in items]}
 
@@ -84,12 +92,25 @@ class Detector:
         # Boxes may reach into the padding; clip them to the image.
         bboxes = pred.bboxes[keep].cpu().numpy().clip(0, [width, height, width, height])
         masks = pred.masks[keep].cpu().numpy().astype(bool) if "masks" in pred else None
+        if masks is not None and masks.shape[1:] != (height, width):
+            masks = np.stack([exact_size(m, height, width) for m in masks]) if len(masks) else \
+                np.zeros((0, height, width), dtype=bool)
         return [
             Detection(label=self.classes[int(labels[i])], score=float(scores[i]),
                       bbox=tuple(float(v) for v in bboxes[i]),
                       mask=masks[i] if masks is not None else None)
             for i in range(len(scores))
         ]
+
+
+def exact_size(mask: np.ndarray, height: int, width: int) -> np.ndarray:
+    """``mask`` at exactly height x width. Heads that paste masks on a rounded rescaled canvas can be a pixel
+    short or long (1023 x 725 on a 1024 x 725 image): resize (nearest) to the image's size."""
+    import cv2
+
+    if mask.shape == (height, width):
+        return mask
+    return cv2.resize(mask.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST).astype(bool)
 
 
 def _set_score_threshold(model: Any, threshold: float) -> None:
@@ -139,6 +160,7 @@ def _build_model(cfg: Any, weights: Path, device: str) -> Any:
     from mmdet.utils import register_all_modules
 
     register_all_modules()
+    _import_custom(cfg)
     model = MODELS.build(cfg.model)
     try:
         # Registry weights are plain state dicts: no pickled objects needed.
@@ -152,18 +174,33 @@ def _build_model(cfg: Any, weights: Path, device: str) -> Any:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # tensor shape mismatch (e.g. other class count)
         raise ModelLoadError(f"{weights} does not match the config: {exc}") from exc
-    if result.missing_keys or result.unexpected_keys:
+    frozen = tuple(getattr(model, "frozen_prefixes", ()))  # pretrained parts loaded from their own checkpoint
+    missing = [k for k in result.missing_keys if not (frozen and k.startswith(frozen))]
+    if missing or result.unexpected_keys:
         raise ModelLoadError(
             f"{weights} does not match {cfg.get('arch', 'the config')}: "
-            f"missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}")
+            f"missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")
     return model.to(device).eval()
 
 
-def _build_pipeline(cfg: Any) -> Any:
+def _import_custom(cfg: Any) -> None:
+    """Register the modules a config names in custom_imports (sam-det's), whatever the config's origin."""
+    import importlib
+
+    for name in (cfg.get("custom_imports") or {}).get("imports", []):
+        if not str(name).startswith("appliance."):
+            raise ModelLoadError(f"config imports {name!r}: only appliance modules are allowed")
+        importlib.import_module(name)
+
+
+def _build_pipeline(cfg: Any, embedding_store: Path | None = None, embedding_store_mb: int = 2048) -> Any:
     from mmcv.transforms import Compose
 
     steps = [dict(s) for s in cfg.test_pipeline if s["type"] != "LoadAnnotations"]
     steps[0] = dict(type="LoadImageFromNDArray")
+    for step in steps:
+        if step["type"] == "LoadSamEmbedding":  # this process's store, not the one of the training run
+            step.update(store_dir=str(embedding_store) if embedding_store else None, store_mb=embedding_store_mb)
     for step in steps:  # explicit scope: independent of mmengine's global default scope
         if "." not in step["type"]:
             step["type"] = "mmdet." + step["type"]

@@ -43,8 +43,16 @@ def train(
     device: str = "auto",
     seed: int = 0,
     log_level: str = "WARNING",
+    embedding_store: Path | None = None,
+    embedding_store_mb: int = 2048,
+    sam_model_type: str = "vit_t",
+    sam_checkpoint: Path | None = None,
 ) -> Path:
-    """Train on dataset_dir (annotations.json + images/) and write the model to out_dir."""
+    """Train on dataset_dir (annotations.json + images/) and write the model to out_dir.
+
+    The batch is min(batch_size, training images) and the learning rate (unless given) the architecture's recipe
+    rate scaled linearly to that batch. Seeded and deterministic: the same data and seed give the same model.
+    """
     compat.install()
     import torch
 
@@ -53,15 +61,20 @@ def train(
     if not (dataset_dir / "annotations.json").is_file():
         raise FileNotFoundError(f"{dataset_dir / 'annotations.json'} not found")
     out_dir.mkdir(parents=True, exist_ok=True)
+    images = len(json.loads((dataset_dir / "annotations.json").read_text()).get("images") or [])
+    batch_size = max(1, min(batch_size, images))
     work_dir = Path(tempfile.mkdtemp(prefix="train-", dir=out_dir))
     try:
         cfg = build_config(arch, classes, work_dir, dataset_dir, epochs, batch_size, lr,
-                           img_size, load_from=init_weights)
-        cfg.randomness = dict(seed=seed)
+                           img_size, load_from=init_weights, embedding_store=embedding_store,
+                           embedding_store_mb=embedding_store_mb, sam_model_type=sam_model_type,
+                           sam_checkpoint=sam_checkpoint)
+        compat.deterministic_env()
+        cfg.randomness = dict(seed=seed, deterministic=True)
         cfg.log_level = log_level
         use_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
-        state_dict = _run(cfg, progress, use_cpu)
-        _write_model(out_dir, cfg, state_dict, classes, arch)
+        state_dict, frozen = _run(cfg, progress, use_cpu)
+        _write_model(out_dir, cfg, state_dict, classes, arch, frozen)
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
     if progress:
@@ -77,7 +90,7 @@ def _set_threads(threads: int) -> None:
     cv2.setNumThreads(max(1, threads))
 
 
-def _run(cfg: Any, progress: Progress | None, use_cpu: bool) -> dict:
+def _run(cfg: Any, progress: Progress | None, use_cpu: bool) -> tuple[dict, tuple[str, ...]]:
     import copy
 
     from mmengine.runner import Runner
@@ -89,7 +102,8 @@ def _run(cfg: Any, progress: Progress | None, use_cpu: bool) -> dict:
         runner.model.to("cpu")
     runner.register_hook(ProgressHook(progress), priority="LOW")
     runner.train()
-    return _final_state_dict(runner)
+    model = runner.model.module if hasattr(runner.model, "module") else runner.model
+    return _final_state_dict(runner), tuple(getattr(model, "frozen_prefixes", ()))
 
 
 def _final_state_dict(runner: Any) -> dict:
@@ -104,13 +118,16 @@ def _final_state_dict(runner: Any) -> dict:
     return model.state_dict()
 
 
-def _write_model(out_dir: Path, cfg: Any, state_dict: dict, classes: list[str], arch: str) -> None:
+def _write_model(out_dir: Path, cfg: Any, state_dict: dict, classes: list[str], arch: str,
+                 frozen: tuple[str, ...] = ()) -> None:
+    """Frozen pretrained parts (``frozen``: key prefixes, e.g. sam-det's SAM encoder and decoder) are left out:
+    they load from their own checkpoint, so a version holds only what training changed."""
     import torch
 
     for key in ("work_dir", "load_from"):
         cfg[key] = None
     cfg.dump(str(out_dir / "config.py"))
-    weights = {k: v.detach().cpu() for k, v in state_dict.items()}
+    weights = {k: v.detach().cpu() for k, v in state_dict.items() if not (frozen and k.startswith(frozen))}
     torch.save({"state_dict": weights, "meta": {"arch": arch, "classes": list(classes)}},
                out_dir / "weights.pth")
     (out_dir / "classes.json").write_text(json.dumps(list(classes)))
@@ -157,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         train(args.dataset, args.classes.split(","), args.out, args.arch, args.init_weights,
               args.epochs, args.batch_size, args.threads, emit, args.lr, args.img_size,
-              args.device, args.seed)
+              args.device, args.seed, embedding_store=args.embeddings, embedding_store_mb=args.embeddings_mb,
+              sam_model_type=args.sam_model_type, sam_checkpoint=args.sam_checkpoint)
     except Exception as exc:  # noqa: BLE001 - reported to the parent process
         emit({"event": "error", "error": f"{type(exc).__name__}: {exc}"})
         raise
@@ -178,6 +196,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--img-size", type=int)
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--embeddings", type=Path, help="shared SAM embedding store (sam-det)")
+    p.add_argument("--embeddings-mb", type=int, default=2048)
+    p.add_argument("--sam-model-type", default="vit_t")
+    p.add_argument("--sam-checkpoint", type=Path)
     args = p.parse_args(argv)
     if not args.classes:
         coco = json.loads((args.dataset / "annotations.json").read_text())

@@ -104,6 +104,16 @@ class SamEngine:
                          input_size=(int(tensor.shape[-2]), int(tensor.shape[-1])),
                          nbytes=features.element_size() * features.nelement())
 
+    def from_features(self, features: np.ndarray, original_size: tuple[int, int]) -> Embedding:
+        """An Embedding from stored encoder features (256x64x64) of an image of ``original_size`` (H, W)."""
+        tensor = torch.as_tensor(np.asarray(features, dtype=np.float32), device=self.device)
+        if tensor.ndim == 3:
+            tensor = tensor[None]
+        height, width = int(original_size[0]), int(original_size[1])
+        return Embedding(features=tensor, original_size=(height, width),
+                         input_size=ResizeLongestSide.get_preprocess_shape(height, width, self.image_size),
+                         nbytes=tensor.element_size() * tensor.nelement())
+
     # --- decoder ----------------------------------------------------------------------------
     def segment(self, embedding: Embedding, points: Sequence[Point] = (), labels: Sequence[int] = (),
                 box: Box | None = None) -> tuple[np.ndarray, float]:

@@ -1,0 +1,94 @@
+"""The SAM model the sam-det modules share in one process, and SAM's own image preprocessing and mask decoding."""
+
+from __future__ import annotations
+
+import functools
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from appliance.models.sam.engine import build_model
+from appliance.models.sam.weights import MOBILE_SAM_SHA256, mobile_sam_path, verify_checkpoint
+
+EMBED_STRIDE = 16  # SAM's image encoder: 1024x1024 input -> 64x64 embedding
+_lock = threading.Lock()
+
+
+def checkpoint_path(model_type: str, checkpoint: str | None) -> Path:
+    if checkpoint:
+        return verify_checkpoint(checkpoint)
+    if model_type != "vit_t":
+        raise ValueError(f"SAM {model_type} needs a checkpoint path")
+    return verify_checkpoint(mobile_sam_path(), MOBILE_SAM_SHA256)
+
+
+@functools.lru_cache(maxsize=2)
+def _load(model_type: str, checkpoint: str | None) -> torch.nn.Module:
+    model = build_model(checkpoint_path(model_type, checkpoint), model_type, torch.device("cpu"))
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def load_sam(model_type: str = "vit_t", checkpoint: str | None = None) -> torch.nn.Module:
+    """One frozen SAM model per (type, checkpoint) and process: backbone, decoder and pipeline share it."""
+    with _lock:
+        return _load(model_type, str(checkpoint) if checkpoint else None)
+
+
+def input_size(height: int, width: int, image_size: int = 1024) -> tuple[int, int]:
+    """(H, W) of the image resized so its longest side is ``image_size`` (SAM's ResizeLongestSide)."""
+    scale = image_size / max(height, width)
+    return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
+def encode(sam: torch.nn.Module, rgb: np.ndarray) -> np.ndarray:
+    """The 256x64x64 float32 embedding of an RGB uint8 image, exactly as the SAM backend computes it."""
+    from segment_anything.utils.transforms import ResizeLongestSide
+
+    size = sam.image_encoder.img_size
+    resized = ResizeLongestSide(size).apply_image(np.ascontiguousarray(rgb))
+    device = next(sam.parameters()).device
+    tensor = torch.as_tensor(resized, device=device).permute(2, 0, 1).contiguous()[None]
+    with torch.no_grad():
+        features = sam.image_encoder(sam.preprocess(tensor))
+    return features[0].float().cpu().numpy()
+
+
+def preprocess(sam: torch.nn.Module, rgb: np.ndarray) -> torch.Tensor:
+    """SAM's encoder input (3x1024x1024, normalised, padded) for an RGB uint8 image."""
+    from segment_anything.utils.transforms import ResizeLongestSide
+
+    resized = ResizeLongestSide(sam.image_encoder.img_size).apply_image(np.ascontiguousarray(rgb))
+    tensor = torch.as_tensor(resized).permute(2, 0, 1).contiguous()[None]
+    return sam.preprocess(tensor.to(next(sam.parameters()).device))[0]
+
+
+def box_masks(prompt_encoder: torch.nn.Module, mask_decoder: torch.nn.Module, features: torch.Tensor,
+              boxes: torch.Tensor, in_size: tuple[int, int], out_size: tuple[int, int], image_size: int = 1024,
+              chunk: int = 32) -> torch.Tensor:
+    """Bool masks (N x out_size) from SAM's decoder, one per box (x0, y0, x1, y1 in the encoder's input frame).
+
+    ``features`` is the 1x256x64x64 embedding; ``in_size`` the (H, W) of the resized image inside the padded
+    input; the masks are upsampled as SAM's own postprocess_masks does, straight to ``out_size``.
+    """
+    height, width = int(out_size[0]), int(out_size[1])
+    if boxes.numel() == 0:
+        return torch.zeros((0, height, width), dtype=torch.bool, device=features.device)
+    pe = prompt_encoder.get_dense_pe()
+    masks = []
+    with torch.no_grad():
+        for start in range(0, boxes.shape[0], chunk):
+            sparse, dense = prompt_encoder(points=None, boxes=boxes[start:start + chunk].float(), masks=None)
+            low_res, _ = mask_decoder(image_embeddings=features, image_pe=pe, sparse_prompt_embeddings=sparse,
+                                      dense_prompt_embeddings=dense, multimask_output=False)
+            # SAM upsamples to the padded input, crops the image and resizes to the original size; cropping the
+            # low-res logits first and resizing once is the same up to interpolation and much cheaper.
+            scale = low_res.shape[-1] / image_size
+            crop_h, crop_w = max(1, round(in_size[0] * scale)), max(1, round(in_size[1] * scale))
+            logits = F.interpolate(low_res[..., :crop_h, :crop_w], (height, width), mode="bilinear",
+                                   align_corners=False)
+            masks.append(logits[:, 0] > 0.0)
+    return torch.cat(masks)
