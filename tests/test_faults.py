@@ -90,9 +90,12 @@ def test_start_up_mistakes_are_one_line_and_exit_2(tmp_path):
     data.write_text("a file where the data dir should be")
     line = one_line(up(env))
     assert "APPLIANCE_DATA_DIR" in line and "is a file" in line
-    data.unlink()
+
+
+def test_read_only_data_dir_is_one_line_and_exit_2(tmp_path):
+    data = tmp_path / "data"
     with tmpfs(data, "size=1m,ro"):
-        line = one_line(up(env))
+        line = one_line(up(appliance_env(data)))
         assert "APPLIANCE_DATA_DIR" in line and "not writable" in line
 
 
