@@ -44,6 +44,8 @@ def holders(path: Path) -> list[int]:
 
 
 def _describe(pids: list[int]) -> str:
+    if not pids:
+        return "unknown (processes of another user)"
     names = []
     for pid in pids[:6]:
         try:

@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import requests
 
 from appliance.models.registry import ModelRegistry
@@ -171,3 +172,31 @@ def test_kill_9_of_supervisord_leaves_no_orphans(tmp_path, artifacts):
             os.kill(stopped, signal.SIGCONT)
         if app.proc and app.proc.poll() is None:
             app.stop()
+
+
+def test_locks_tell_a_running_supervisor_and_orphans_apart(tmp_path):
+    """The pieces, without an appliance: a second supervisor is refused, a process still holding the programs'
+    lock is named, and once it is gone the data dir is free."""
+    from appliance import orphans
+
+    run = tmp_path / "run"
+    held = orphans.lock_supervisor(run)
+    try:
+        refused = subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; from appliance import "
+                                  "orphans; orphans.check(Path(sys.argv[1]))", str(run)],
+                                 capture_output=True, text=True, cwd=ROOT)
+        assert "already runs" in refused.stderr and str(os.getpid()) in refused.stderr
+    finally:
+        os.close(held)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; from appliance "
+                               "import orphans; orphans.hold_programs_lock(Path(sys.argv[1])); print('held', "
+                               "flush=True); time.sleep(60)", str(run)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(orphans.OrphanError) as caught:
+            orphans.check(run)
+        assert str(holder.pid) in str(caught.value) and "previous run" in str(caught.value)
+    finally:
+        holder.kill()
+        holder.wait()
+    orphans.check(run)  # nothing left: free
