@@ -19,7 +19,14 @@ def load() -> Settings:
         print(error.line, file=sys.stderr, flush=True)
         raise SystemExit(error.code) from None
     os.umask(UMASK)  # whatever a command writes on the data volume stays private to the appliance's user
-    ensure_secrets(settings)
+    try:
+        ensure_secrets(settings)
+    except OSError as error:  # a data dir that is a file, read-only, or not ours: one line, not a traceback
+        problem = ("is a file, not a folder" if settings.data.is_file()
+                   else f"cannot read or write the secrets ({error.strerror})")
+        print(f"configuration error: APPLIANCE_DATA_DIR ({settings.data}) {problem}. Point it at a writable "
+              f"folder.", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     return settings
 
 

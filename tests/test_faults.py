@@ -24,8 +24,8 @@ from appliance.settings import ConfigError, load_settings
 from harness import ROOT, appliance_env
 
 
-def up(env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "appliance", "up"], env=env, capture_output=True, text=True,
+def up(env: dict[str, str], command: str = "up") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "appliance", command], env=env, capture_output=True, text=True,
                           cwd=ROOT, timeout=60)
 
 
@@ -88,8 +88,9 @@ def test_start_up_mistakes_are_one_line_and_exit_2(tmp_path):
     assert not data.exists()  # none of these started or wrote anything
 
     data.write_text("a file where the data dir should be")
-    line = one_line(up(env))
-    assert "APPLIANCE_DATA_DIR" in line and "is a file" in line
+    for command in ("up", "credentials"):  # any command that reads the volume
+        line = one_line(up(env, command))
+        assert "APPLIANCE_DATA_DIR" in line and "is a file" in line
 
 
 def test_read_only_data_dir_is_one_line_and_exit_2(tmp_path):
