@@ -70,6 +70,8 @@ def render_trainer(run: dict[str, Any]) -> list[str]:
         loss = f", loss {run['loss']:.3f}" if run.get("loss") is not None else ""
         lines.append(f"  run {run.get('run')} ({run.get('reason')}): {run.get('stage')}, "
                      f"epoch {run.get('epoch')}/{run.get('max_epochs')}{loss}{eta}")
+    if run.get("state") == "interrupted" and run.get("error"):
+        lines.append(f"  {run['error']}")
     last = run.get("last")
     if last:
         detail = last.get("version") or last.get("why") or last.get("error") or ""
