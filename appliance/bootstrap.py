@@ -9,7 +9,6 @@ only new files), and both ML connections.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -18,11 +17,12 @@ from typing import Any
 from label_studio_sdk.client import LabelStudio
 
 from appliance import gcs_bootstrap, studio, studio_api, template
+from appliance import state as app_state
 from appliance.settings import Settings
 
 log = logging.getLogger("bootstrap")
 
-IMAGE_REGEX = r".*\.(jpe?g|png|bmp|gif|tiff?|webp)$"
+IMAGE_REGEX = r"(?i).*\.(jpe?g|png|bmp|gif|tiff?|webp)$"  # camera files are IMG_0001.JPG
 
 
 @dataclass
@@ -38,21 +38,6 @@ def backends(settings: Settings) -> dict[str, Backend]:
         "predict": Backend("Pre-annotation (MMDetection)", settings.predict_base_url, False),
         "sam": Backend("SAM (interactive)", settings.sam_base_url, True),
     }
-
-
-def read_state(settings: Settings) -> dict[str, Any]:
-    path = settings.data / "state.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def write_state(settings: Settings, state: dict[str, Any]) -> None:
-    path = settings.data / "state.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state, indent=2))
-    tmp.replace(path)
 
 
 def find_project(ls: LabelStudio, settings: Settings, state: dict[str, Any]):
@@ -98,22 +83,14 @@ def converge_local_storage(ls: LabelStudio, settings: Settings, project_id: int)
         storage = ls.import_storage.local.create(project=project_id, path=path, regex_filter=IMAGE_REGEX,
                                                  use_blob_urls=True, recursive_scan=True, title="Images folder")
         log.info("created Local Files storage %d over %s", storage.id, path)
+    elif storage.regex_filter != IMAGE_REGEX:  # a volume from before upper-case extensions were imported
+        ls.import_storage.local.update(storage.id, project=project_id, regex_filter=IMAGE_REGEX)
+        log.info("Local Files storage %d now imports %s", storage.id, IMAGE_REGEX)
     before = ls.projects.get(project_id).task_number or 0
     ls.import_storage.local.sync(storage.id)
-    after = wait_sync(ls, project_id, before)
+    after = studio_api.wait_sync(ls, project_id, before)
     log.info("images folder synced: %d new task(s), %d in all", after - before, after)
     return storage.id
-
-
-def wait_sync(ls: LabelStudio, project_id: int, before: int, seconds: float = 30) -> int:
-    """Sync may run in the background; wait until the task count settles."""
-    deadline, count, stable = time.monotonic() + seconds, before, 0
-    while time.monotonic() < deadline and stable < 3:
-        time.sleep(0.3)
-        new = ls.projects.get(project_id).task_number or 0
-        stable = stable + 1 if new == count else 0
-        count = new
-    return count
 
 
 def converge_backend(ls: LabelStudio, settings: Settings, project_id: int, backend: Backend) -> int:
@@ -145,10 +122,10 @@ def converge_backend(ls: LabelStudio, settings: Settings, project_id: int, backe
 def run(settings: Settings) -> dict[str, Any]:
     started = time.monotonic()
     studio_api.wait_http(f"{settings.studio_base_url}/health", started + settings.ready_timeout, "Label Studio")
-    ls = studio_api.client(settings)
-    state = read_state(settings)
+    ls = studio_api.sdk(settings)
+    state = app_state.read(settings)
     state["project_id"] = converge_project(ls, settings, state)
-    write_state(settings, state)
+    app_state.write(settings, state)
     files = studio.converge_file_storages(settings, state["project_id"])  # before the sync: it may re-key links
     state["journal_storage_id"] = files["journal"]
     if files["journal_created"]:
@@ -160,10 +137,10 @@ def run(settings: Settings) -> dict[str, Any]:
         role: converge_backend(ls, settings, state["project_id"], backend)
         for role, backend in backends(settings).items()
     }
-    write_state(settings, state)
+    app_state.write(settings, state)
     # Cloud storages last: a wrong bucket or key must not keep the ML connections from being made.
     state.update(gcs_bootstrap.converge(ls, settings, state))  # raises gcs.GcsError: one line, exit 2
     state["bootstrapped_at"] = time.time()
-    write_state(settings, state)
+    app_state.write(settings, state)
     log.info("bootstrap done in %.1f s: project %d ready", time.monotonic() - started, state["project_id"])
     return state

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 import requests
 from tqdm import tqdm
 
-from appliance import bootstrap
+from appliance import state as app_state
+from appliance import studio_api
 from appliance.settings import Settings
 
 log = logging.getLogger("predict.bulk")
@@ -39,39 +40,24 @@ class Summary:
         return self.predicted / self.seconds if self.seconds else 0.0
 
 
-class Studio:
-    """The few Label Studio calls bulk prediction needs."""
-
-    def __init__(self, settings: Settings):
-        self.base = settings.studio_base_url
-        self.session = requests.Session()
-        self.session.headers["Authorization"] = f"Token {settings.secret('api_key')}"
-
-    def project(self, project_id: int) -> dict:
-        return self._get(f"/api/projects/{project_id}")
+class Studio(studio_api.Studio):
+    """The Label Studio calls bulk prediction needs."""
 
     def tasks(self, project_id: int) -> list[dict]:
         # The export lists every task without side effects (the Data Manager list would trigger predictions).
-        return self._get(f"/api/projects/{project_id}/export", params={"exportType": "JSON",
-                                                                          "download_all_tasks": "true"})
+        return self.get(f"/api/projects/{project_id}/export", "exporting the tasks",
+                        params={"exportType": "JSON", "download_all_tasks": "true"})
 
     def predicted(self, project_id: int, version: str) -> set[int]:
         """Ids of the tasks that already hold a prediction of ``version``."""
-        predictions = self._get("/api/predictions", params={"project": project_id})
+        predictions = self.get("/api/predictions", "listing predictions", params={"project": project_id})
         return {p["task"] for p in predictions if p.get("model_version") == version}
 
     def save_predictions(self, project_id: int, items: list[tuple[int, dict]]) -> None:
         """One bulk request per batch (Label Studio's import/predictions), not one call per task."""
         body = [{"task": task_id, "result": r["result"], "score": r.get("score"), "model_version": r["model_version"]}
                 for task_id, r in items]
-        response = self.session.post(f"{self.base}/api/projects/{project_id}/import/predictions", json=body,
-                                     timeout=300)
-        response.raise_for_status()
-
-    def _get(self, path: str, **kwargs):
-        response = self.session.get(f"{self.base}{path}", timeout=300, **kwargs)
-        response.raise_for_status()
-        return response.json()
+        self.post(f"/api/projects/{project_id}/import/predictions", "saving predictions", json=body)
 
 
 class Backend:
@@ -94,12 +80,12 @@ class Backend:
 
 def predict_all(settings: Settings, batch: int | None = None, show_progress: bool = True,
                 only_unlabeled: bool = False) -> Summary:
-    project_id = bootstrap.read_state(settings).get("project_id")
+    project_id = app_state.project_id(settings)
     if not project_id:
         raise BulkError("the project is not bootstrapped yet; start the appliance first")
     studio, backend = Studio(settings), Backend(settings)
     summary = Summary(version=backend.version())
-    label_config = studio.project(project_id)["label_config"]
+    label_config = studio.label_config(project_id)
     tasks = studio.tasks(project_id)
     done = studio.predicted(project_id, summary.version)
     pending = [t for t in tasks if t["id"] not in done and not (only_unlabeled and t.get("annotations"))]

@@ -13,6 +13,7 @@ from typing import Any
 
 from label_studio_sdk.client import LabelStudio
 
+from appliance import studio_api
 from appliance.settings import Settings
 
 log = logging.getLogger("bootstrap.gcs")
@@ -59,7 +60,6 @@ def _upsert(api, existing, wanted: dict, access: dict, new_key: bool, project_id
 
 
 def converge_source(ls: LabelStudio, settings: Settings, state: dict, access: dict, new_key: bool) -> int:
-    from appliance.bootstrap import wait_sync
 
     project_id = state["project_id"]
     wanted = {"bucket": settings.gcs_source_bucket, "prefix": settings.gcs_source_prefix,
@@ -73,7 +73,7 @@ def converge_source(ls: LabelStudio, settings: Settings, state: dict, access: di
         return storage_id
     before = ls.projects.get(project_id).task_number or 0
     ls.import_storage.gcs.sync(storage_id)
-    after = wait_sync(ls, project_id, before)
+    after = studio_api.wait_sync(ls, project_id, before)
     log.info("GCS source synced: %d new task(s), %d in all", after - before, after)
     return storage_id
 

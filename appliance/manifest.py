@@ -18,7 +18,8 @@ from urllib.parse import urlsplit
 
 import requests
 
-from appliance import bootstrap
+from appliance import state as app_state
+from appliance import studio_api
 from appliance.settings import Settings
 
 IMAGE_KEYS = ("image", "image_uri")
@@ -90,13 +91,8 @@ def _json_rows(text: str, name: str) -> list[dict]:
     return [_task(row, f"{name} item {i}") for i, row in enumerate(rows)]
 
 
-class Studio:
+class Studio(studio_api.Studio):
     """The two Label Studio calls an import needs."""
-
-    def __init__(self, settings: Settings):
-        self.base = settings.studio_base_url
-        self.session = requests.Session()
-        self.session.headers["Authorization"] = f"Token {settings.secret('api_key')}"
 
     def images(self, project_id: int) -> set[str]:
         """Image URIs of the project's tasks, as stored (not resolved to presigned URLs)."""
@@ -106,29 +102,21 @@ class Studio:
                 "project": project_id, "page": page, "page_size": PAGE, "fields": "task_only", "resolve_uri": "false"})
             if response.status_code == 404:  # past the last page
                 break
-            _check(response, "listing the project's tasks")
-            tasks = response.json().get("tasks", [])
+            tasks = self._check(response, "listing the project's tasks").json().get("tasks", [])
             seen.update(str(t["data"].get("image")) for t in tasks if t.get("data", {}).get("image"))
             if len(tasks) < PAGE:
                 break
         return seen
 
     def create(self, project_id: int, rows: list[dict]) -> int:
-        response = self.session.post(f"{self.base}/api/projects/{project_id}/import", timeout=600,
-                                     json=[{"data": row} for row in rows])
-        _check(response, "importing tasks")
-        return int(response.json().get("task_count", len(rows)))
-
-
-def _check(response: requests.Response, what: str) -> None:
-    if response.status_code >= 400:
-        raise ManifestError(f"Label Studio answered HTTP {response.status_code} while {what}: {response.text[:200]}")
+        answer = self.post(f"/api/projects/{project_id}/import", "importing tasks", timeout=600,
+                           json=[{"data": row} for row in rows])
+        return int(answer.get("task_count", len(rows)))
 
 
 def import_manifest(settings: Settings, source: str, batch: int = 500) -> Summary:
     started = time.monotonic()
-    state = bootstrap.read_state(settings)
-    project_id = state.get("project_id")
+    project_id = app_state.project_id(settings)
     if not project_id:
         raise ManifestError("no project yet: start the appliance (its bootstrap creates the project) and retry")
     rows = parse(read(settings, source), source)
@@ -148,10 +136,12 @@ def import_manifest(settings: Settings, source: str, batch: int = 500) -> Summar
     except requests.RequestException as error:
         raise ManifestError(f"cannot reach Label Studio at {settings.studio_base_url} ({type(error).__name__})") \
             from None
+    except studio_api.StudioError as error:
+        raise ManifestError(str(error)) from None
     # From now on the bootstrap does not sync the GCS import storage: it would add each image again, bare.
-    state = bootstrap.read_state(settings)
+    state = app_state.read(settings)
     state["manifest"] = {"source": source, "imported_at": time.time()}
-    bootstrap.write_state(settings, state)
+    app_state.write(settings, state)
     summary.seconds = time.monotonic() - started
     return summary
 

@@ -9,7 +9,8 @@ from typing import Any
 import requests
 from supervisor.xmlrpc import SupervisorTransport
 
-from appliance import bootstrap, studio_api
+from appliance import state as app_state
+from appliance import studio_api
 from appliance.settings import Settings
 
 
@@ -27,11 +28,11 @@ def processes(settings: Settings) -> list[dict[str, Any]] | str:
 
 
 def project(settings: Settings) -> dict[str, Any] | str:
-    state = bootstrap.read_state(settings)
+    state = app_state.read(settings)
     if not state.get("project_id"):
         return "not bootstrapped yet"
     try:
-        ls = studio_api.client(settings, timeout=5)
+        ls = studio_api.sdk(settings, timeout=5)
         p = ls.projects.get(state["project_id"])
         ml = [{"id": m.id, "title": m.title, "url": m.url, "state": m.state, "model_version": m.model_version}
               for m in ls.ml.list(project=p.id)]

@@ -156,3 +156,21 @@ def test_both_backends_stay_healthy_and_a_good_click_still_works(studio, bad_tas
     good = next(t for t in all_tasks(studio) if "astronaut" in image_of(t))
     answer = click(studio, good["id"]).json()["data"]
     assert answer["result"] and answer["result"][0]["type"] == "brushlabels", answer
+
+
+def test_camera_file_names_in_any_case_import(studio):
+    """IMG_0001.JPG, SCAN.TIF, photo.Webp: the images folder's filter ignores the extension's case."""
+    folder = studio.data_dir / "images" / "camera"
+    folder.mkdir(parents=True, exist_ok=True)
+    names = {"IMG_0001.JPG": "JPEG", "SCAN.TIF": "TIFF", "photo.Webp": "WEBP", "Shot.PNG": "PNG"}
+    for name, kind in names.items():
+        Image.fromarray(samples.astronaut()[:64, :64]).save(folder / name, kind)
+    storage = studio.state()["local_storage_id"]
+    assert studio.api("POST", f"/api/storages/localfiles/{storage}/sync").status_code in (200, 201)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        found = {image_of(t).rsplit("/", 1)[-1] for t in all_tasks(studio) if "camera" in image_of(t)}
+        if found == set(names):
+            return
+        time.sleep(1)
+    pytest.fail(f"imported {sorted(found)} of {sorted(names)}")

@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import requests
@@ -269,7 +269,11 @@ def test_image_fetcher_and_prediction_backend_fetch_gs_images(app):
 
     uri = f"gs://{SOURCE}/images/chelsea.jpg"
     task = task_for(app, uri)
-    fetcher = ImageFetcher(app.url, app.token, [], 10 * 1024 * 1024)
+    # The signed URL points at the emulator: a storage host, admitted after a presign (as from_settings does).
+    fetcher = ImageFetcher(app.url, app.token, [], 10 * 1024 * 1024,
+                           storage_hosts=[urlsplit(app.env["STORAGE_EMULATOR_HOST"]).netloc])
+    with pytest.raises(ImageError, match="not Label Studio"):  # without it, the presign's redirect is refused
+        ImageFetcher(app.url, app.token, [], 10 * 1024 * 1024, retries=0).fetch(uri, task["id"])
     assert fetcher.fetch(uri, task["id"]) == jpeg("chelsea")
     backend = PredictBackend(settings_of(app))  # the prediction backend's own fetch-and-decode path
     spec = labeling.parse(app.api("GET", f"/api/projects/{app.state()['project_id']}").json()["label_config"])

@@ -35,8 +35,7 @@ class PredictBackend(Backend):
 
         self.settings = settings
         self.slot = ModelSlot(ModelRegistry(settings.models_dir), self._load)
-        self.fetcher = ImageFetcher(settings.studio_base_url, settings.secret("api_key"), settings.allowed_hosts,
-                                    settings.image_max_mb * 1024 * 1024)
+        self.fetcher = ImageFetcher.from_settings(settings)
         self.mappers: dict[str, LabelMapper] = {}
         self.loader = ThreadPoolExecutor(max_workers=4, thread_name_prefix="image")
         self.schema: str | None = None

@@ -13,8 +13,7 @@ import threading
 from collections import OrderedDict, deque
 from typing import Callable
 
-import requests
-
+from appliance import studio_api
 from appliance.backends import labeling
 from appliance.settings import Settings
 
@@ -40,8 +39,7 @@ class Prefetcher:
         self.memory = memory
         self.spec: labeling.LabelingSpec | None = None
         self._last_lookup: tuple[str, int | None] | None = None
-        self.session = requests.Session()
-        self.session.headers["Authorization"] = f"Token {settings.secret('api_key')}"
+        self.studio = studio_api.Studio(settings, timeout=10)
         self.thread = threading.Thread(target=self._run, name="sam-prefetch", daemon=True)
 
     def start(self) -> None:
@@ -104,12 +102,10 @@ class Prefetcher:
         # Raw task data: a gs:// image must stay a URI (presigned by Label Studio on fetch), not a signed URL.
         params = {"project": project_id, "page_size": self.settings.sam_prefetch, "fields": "all",
                   "resolve_uri": "false", "query": json.dumps(unlabeled_after(task_id))}
-        response = self.session.get(f"{self.settings.studio_base_url}/api/tasks", params=params, timeout=10)
-        response.raise_for_status()
+        tasks = self.studio.get("/api/tasks", "listing the next tasks", params=params).get("tasks", [])
         if self.spec is None:
-            project = self.session.get(f"{self.settings.studio_base_url}/api/projects/{project_id}", timeout=10)
-            self.remember_config(project.json().get("label_config", ""))
-        return response.json().get("tasks", [])
+            self.remember_config(self.studio.label_config(int(project_id)))
+        return tasks
 
     def _warm_task(self, task: dict) -> None:
         task_id = task.get("id")

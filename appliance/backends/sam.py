@@ -44,11 +44,10 @@ class SamBackend(Backend):
         self.engine: SamEngine | None = None
         self.load_error: str | None = None
         self.cache = EmbeddingCache(settings.sam_cache_mb * 1024 * 1024)
-        self.fetcher = ImageFetcher(settings.studio_base_url, settings.secret("api_key"), settings.allowed_hosts,
-                                    settings.image_max_mb * 1024 * 1024)
         # On disk, shared: the trainer and the prediction backend read the embeddings computed here.
         self.store = EmbeddingStore(settings.embeddings_dir, settings.embedding_store_mb * 1024 * 1024,
                                     settings.sam_model_type) if settings.embedding_store_mb > 0 else None
+        self.fetcher = ImageFetcher.from_settings(settings)
         self._url_keys = UrlMemo(URL_MEMO_ENTRIES, URL_MEMO_SECONDS)
         self.prefetcher = Prefetcher(settings, self.warm)
 

@@ -34,13 +34,13 @@ from typing import Callable, Literal
 
 import cv2
 import numpy as np
-from label_studio_sdk.converter.brush import decode_rle
 from PIL import Image
 from pycocotools import mask as mask_utils
 
 from appliance.backends.images import decode_image
 from appliance.backends.labeling import image_url
 from appliance.models.sam.cache import content_key
+from appliance.models.sam.masks import brush_rle_to_mask
 
 log = logging.getLogger("trainer.dataset")
 
@@ -173,10 +173,7 @@ def _brush_mask(value: dict, region: dict, width: int, height: int) -> np.ndarra
         raise ValueError("brush region without rle")
     frame_w = int(region.get("original_width") or width)
     frame_h = int(region.get("original_height") or height)
-    flat = decode_rle(rle)
-    if flat.size != frame_w * frame_h * 4:
-        raise ValueError(f"brush RLE holds {flat.size} values, expected {frame_h}x{frame_w}x4")
-    mask = flat.reshape(frame_h, frame_w, 4)[:, :, 3] >= 128
+    mask = brush_rle_to_mask(rle, frame_h, frame_w)
     if (frame_h, frame_w) != (height, width):
         mask = cv2.resize(mask.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST).astype(bool)
     return mask
