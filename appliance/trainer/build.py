@@ -5,9 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import requests
-
-from appliance import bootstrap
+from appliance import state as app_state
+from appliance import studio_api
 from appliance.backends import labeling
 from appliance.backends.images import ImageFetcher
 from appliance.settings import Settings
@@ -30,7 +29,10 @@ class Datasets:
     holdout_info: DatasetInfo
 
     def trained_labels(self) -> list[str]:
-        """The labels with at least one training object, in template order."""
+        """The labels with at least one training object, in template order (all of them when the counts are
+        unknown)."""
+        if not self.train_info.per_label:
+            return list(self.labels)
         return [label for label in self.labels if self.train_info.per_label.get(label, 0) > 0]
 
     def summary(self) -> dict:
@@ -41,13 +43,10 @@ class Datasets:
 
 
 def project_spec(settings: Settings) -> labeling.LabelingSpec:
-    project_id = bootstrap.read_state(settings).get("project_id")
+    project_id = app_state.project_id(settings)
     if not project_id:
         raise DatasetError("the project does not exist yet (the bootstrap has not run)")
-    response = requests.get(f"{settings.studio_base_url}/api/projects/{project_id}", timeout=30,
-                            headers={"Authorization": f"Token {settings.secret('api_key')}"})
-    response.raise_for_status()
-    return labeling.parse(response.json()["label_config"])
+    return labeling.parse(studio_api.Studio(settings, timeout=30).label_config(project_id))
 
 
 def model_labels(spec: labeling.LabelingSpec) -> list[str]:
@@ -65,8 +64,7 @@ def build_datasets(settings: Settings, work: Path) -> Datasets:
     tasks = journal.read_tasks(settings.journal_dir)
     spec = project_spec(settings)
     labels = model_labels(spec)
-    fetcher = ImageFetcher(settings.studio_base_url, settings.secret("api_key"), settings.allowed_hosts,
-                           settings.image_max_mb * 1024 * 1024)
+    fetcher = ImageFetcher.from_settings(settings)
     holdout_ids = choose_holdout(tasks, settings.holdout_percent)
     common = dict(labels=labels, fetch=fetcher.fetch, holdout_percent=settings.holdout_percent,
                   holdout_ids=holdout_ids,

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from appliance import bootstrap
+from appliance import state as app_state
 from appliance.supervise import die_with_parent
 from appliance.trainer import journal
 from appliance.trainer.schedule import Schedule
@@ -329,7 +329,6 @@ def _tail(stream, keep: list[str], limit: int = 50) -> None:
 
 
 def serve(settings: Settings) -> None:
-    bootstrap_state = bootstrap.read_state(settings)
-    if not bootstrap_state.get("project_id"):
+    if not app_state.project_id(settings):
         log.info("waiting for the bootstrap to create the project")
     Trainer(settings).serve()
