@@ -77,6 +77,7 @@ class Trainer:
         self.requests = settings.trainer_dir / "requests"
         self.wake = threading.Event()
         self.timings: dict[str, float] = {}
+        self.started_from: str | None = None  # the version serving when the current run began
         self.retry_at: float | None = None  # a run that failed on a full disk is tried again from then
         self.retry_wait = DISK_RETRY_S[0]
         self._last_lap = time.monotonic()
@@ -110,9 +111,10 @@ class Trainer:
             return None
         if retry and not requests:
             reason = "retry after a full disk"
-        for path in requests:
-            path.unlink(missing_ok=True)
-        return self.run(reason, waited=time.time() - last_change if last_change else None)
+        outcome = self.run(reason, waited=time.time() - last_change if last_change else None, requests=requests)
+        if outcome.get("result") == "published" and self.settings.repredict:
+            self._repredict_after(outcome)  # outside the training lock: another run may start meanwhile
+        return outcome
 
     # --- one run -------------------------------------------------------------------------------
     def _lap(self, stage: str) -> None:
@@ -121,11 +123,13 @@ class Trainer:
         self.timings[stage] = round(now - self._last_lap, 2)
         self._last_lap = now
 
-    def run(self, reason: str, waited: float | None = None) -> dict:
+    def run(self, reason: str, waited: float | None = None, requests: list[Path] = ()) -> dict:
         with training_lock(self.settings) as acquired:
-            if not acquired:
+            if not acquired:  # the requests stay on disk: they are served when the other run is done
                 log.info("a training run is already in progress elsewhere; %s waits", reason)
                 return {"result": "busy"}
+            for path in requests:
+                path.unlink(missing_ok=True)
             self.watcher.mark(self.settings.journal_dir)
             run_id = time.strftime("%Y%m%dT%H%M%S")
             began = time.time()
@@ -160,6 +164,8 @@ class Trainer:
     def _run(self, run_id: str) -> dict:
         work = self.settings.trainer_dir / "runs" / run_id
         shutil.rmtree(work, ignore_errors=True)
+        serving = self.registry.current()
+        self.started_from = serving.version if serving else None
         try:
             datasets = self.build(self.settings, work)
             self._lap("dataset")
@@ -191,8 +197,23 @@ class Trainer:
             command += ["--current", str(current.path)]
         env = {**os.environ, "OMP_NUM_THREADS": str(self.settings.train_threads)}
         # The job dies with the trainer, even a trainer killed with -9: no training run outlives the appliance.
-        return self._follow(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                             env=env, preexec_fn=die_with_parent))
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                preexec_fn=die_with_parent)
+        limit = self.settings.train_timeout_minutes * 60
+        fired: list[bool] = []
+        # A hung or endless run must not hold the lock (and the CPU) forever.
+        timer = threading.Timer(limit, lambda: (fired.append(True), proc.kill()))
+        timer.daemon = True
+        timer.start()
+        try:
+            return self._follow(proc)
+        except TrainingFailed:
+            if fired:
+                raise TrainingFailed(f"training took over {self.settings.train_timeout_minutes:g} min and was stopped "
+                                     f"(APPLIANCE_TRAIN_TIMEOUT_MINUTES)") from None
+            raise
+        finally:
+            timer.cancel()
 
     def _follow(self, proc: subprocess.Popen) -> dict:
         metrics, error = None, None
@@ -243,16 +264,25 @@ class Trainer:
             return {"result": "rejected", "candidate": candidate, "serving": current,
                     "why": "not better than the serving model on the held-out tasks" if candidate else
                            "no held-out annotations to prove it better"}
+        now = self.registry.current()
+        if (now.version if now else None) != self.started_from:
+            # Someone chose the serving model during the run (`appliance model use` or `import`): theirs stands.
+            return {"result": "rejected", "candidate": candidate, "serving": current,
+                    "why": f"the serving model changed during the run ({self.started_from} -> "
+                           f"{now.version if now else None}, by `appliance model use` or `import`); not published "
+                           "over that choice"}
         self.status.update(stage="publish")
         version = self.registry.publish(model_dir, {**(candidate or {}), "baseline": current,
                                                     **datasets.summary()})
         self.registry.prune(self.settings.keep_versions)
         self._lap("publish")
-        outcome = {"result": "published", "version": version, "candidate": candidate, "previous": current}
-        if self.settings.repredict:
-            self.status.update(stage="repredict")
-            outcome["repredicted"] = self._repredict(version)
-        return outcome
+        return {"result": "published", "version": version, "candidate": candidate, "previous": current}
+
+    def _repredict_after(self, outcome: dict) -> None:
+        self.status.update(stage="repredict")
+        outcome["repredicted"] = self._repredict(outcome["version"])
+        self.status.update(stage=None, last=outcome)
+        log.info("run %s: re-predicted %s", outcome.get("run"), outcome["repredicted"])
 
     def _repredict(self, version: str) -> int | str:
         from appliance import bulk_predict
