@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.test-tools
 APPLIANCE := $(VENV)/app/bin/appliance
 
-.PHONY: demo test install browser bench clean
+.PHONY: demo test install browser bench clean image image-test
 
 $(STAMP): pyproject.toml requirements/app.lock requirements/studio.lock requirements/studio.txt scripts/install.sh
 	scripts/install.sh $(abspath $(VENV)) --editable
@@ -22,6 +22,16 @@ demo: $(STAMP)
 
 test: $(STAMP) $(TEST_STAMP)
 	OMP_WAIT_POLICY=PASSIVE $(VENV)/app/bin/python -m pytest $(PYTEST_ARGS)
+
+# The container image, built and run with podman where no Docker engine or registry is at hand (root; see README).
+IMAGE ?= labeling-appliance
+
+image:
+	scripts/build-image.sh $(IMAGE)
+
+image-test: $(STAMP) image
+	mkdir -p test-artifacts
+	APPLIANCE_IMAGE=$(IMAGE) APPLIANCE_IMAGE_REPORT=test-artifacts/image.json $(VENV)/app/bin/python -m pytest tests/image/test_image.py $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(VENV)/app/bin/python benchmarks/cold_start.py
