@@ -147,6 +147,7 @@ def main() -> None:
     parser.add_argument("--ns", default="5,10,20")
     parser.add_argument("--archs", default="sam-det,rtmdet-ins-tiny")
     parser.add_argument("--eval", default="21-65", help="1-based image range to pre-annotate and score")
+    parser.add_argument("--eval-step", type=int, default=1, help="score every k-th image of the range only")
     parser.add_argument("--epochs", type=int, default=30, help="RTMDet epochs (APPLIANCE_TRAIN_EPOCHS)")
     parser.add_argument("--sam-epochs", type=int, default=30, help="sam-det epochs")
     parser.add_argument("--img-size", type=int, default=320, help="RTMDet size (APPLIANCE_TRAIN_IMG_SIZE)")
@@ -164,7 +165,8 @@ def main() -> None:
     coco, images = load_nuclei(DATA)
     first, last = (int(v) for v in args.eval.split("-"))
     work = args.work or Path(tempfile.mkdtemp(prefix="learning-curve-"))
-    subset(coco, images[first - 1:last], work / "eval", "nucleus")
+    evaluated = images[first - 1:last:args.eval_step]
+    subset(coco, evaluated, work / "eval", "nucleus")
     ns = [int(n) for n in args.ns.split(",")]
     rows = []
     for arch in args.archs.split(","):
@@ -177,7 +179,8 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
             if args.json:
                 args.json.write_text(json.dumps(rows, indent=1))
-    print(f"\nTrained on nuclei images 1-N, pre-annotated images {first}-{last} "
+    step = f" (every {args.eval_step}th: {len(evaluated)} images)" if args.eval_step > 1 else ""
+    print(f"\nTrained on nuclei images 1-N, pre-annotated images {first}-{last}{step} "
           f"({args.threads} CPU threads, in-process):\n")
     print(table(rows))
 

@@ -44,7 +44,7 @@ def dataset(tmp_path_factory) -> Path:
 def trained(dataset, tmp_path_factory) -> tuple[Path, list[dict]]:
     out = tmp_path_factory.mktemp("model")
     events: list[dict] = []
-    train(dataset, CLASSES, out, epochs=1, batch_size=4, img_size=160, progress=events.append)
+    train(dataset, CLASSES, out, arch="rtmdet-ins-tiny", epochs=1, batch_size=4, img_size=160, progress=events.append)
     return out, events
 
 

@@ -60,12 +60,21 @@ def test_better_is_strict():
     assert not better(None, {"segm_mAP": 0.4})
 
 
+EPOCHS = 30
+
+
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("shapes")
     make_dataset(root / "train", 8, LABELS, seed=5)
     make_dataset(root / "holdout", 4, LABELS, seed=6)
     return root / "train", root / "holdout"
+
+
+@pytest.fixture(scope="module")
+def embeddings(tmp_path_factory) -> Path:
+    """One SAM embedding store for the module's runs: each image is encoded once (as in the appliance)."""
+    return tmp_path_factory.mktemp("embeddings")
 
 
 def synthetic_build(train: Path, holdout: Path):
@@ -75,27 +84,41 @@ def synthetic_build(train: Path, holdout: Path):
     return build
 
 
-def trainer_for(tmp_path: Path, build) -> Trainer:
-    settings = load_settings({"APPLIANCE_DATA_DIR": str(tmp_path), "APPLIANCE_TRAIN_EPOCHS": "1",
-                              "APPLIANCE_TRAIN_IMG_SIZE": "160", "APPLIANCE_REPREDICT": "false"})
+def trainer_for(tmp_path: Path, build, embeddings: Path | None = None, **env: str) -> Trainer:
+    settings = load_settings({"APPLIANCE_DATA_DIR": str(tmp_path), "APPLIANCE_TRAIN_EPOCHS": str(EPOCHS),
+                              "APPLIANCE_TRAIN_IMG_SIZE": "160", "APPLIANCE_REPREDICT": "false", **env})
+    if embeddings is not None and not settings.embeddings_dir.exists():
+        settings.embeddings_dir.parent.mkdir(parents=True, exist_ok=True)
+        settings.embeddings_dir.symlink_to(embeddings)
     return Trainer(settings, build=build)
 
 
-def test_first_model_is_published_with_its_metrics_and_progress(tmp_path, shapes):
-    trainer = trainer_for(tmp_path, synthetic_build(*shapes))
+def test_first_model_is_published_with_its_metrics_and_progress(tmp_path, shapes, embeddings):
+    trainer = trainer_for(tmp_path, synthetic_build(*shapes), embeddings)
     outcome = trainer.run("test")
     assert outcome["result"] == "published", outcome
     current = ModelRegistry(tmp_path / "models").current()
     assert current.version == outcome["version"]
-    assert {"segm_mAP", "bbox_mAP", "train_images"} <= set(current.metrics)
+    assert {"segm_mAP", "bbox_mAP", "segm_AP50", "train_images"} <= set(current.metrics)
+    assert current.metrics["segm_AP50"] > 0  # the first model must find something on the held-out images
     status = trainer.status.read()
     assert status["state"] == "idle" and status["last"]["result"] == "published"
-    assert status["max_epochs"] == 1 and status["loss"] is not None and status["eta_s"] is not None
+    assert status["max_epochs"] == EPOCHS and status["loss"] is not None and status["eta_s"] is not None
 
 
-def test_worse_candidate_is_not_published(tmp_path, shapes):
+def test_first_model_that_finds_nothing_is_not_published_and_the_status_says_why(tmp_path, shapes):
+    # RTMDet from scratch, one epoch at the recipe's learning rate for a batch of 4: it finds nothing yet.
+    trainer = trainer_for(tmp_path, synthetic_build(*shapes), APPLIANCE_TRAIN_ARCH="rtmdet-ins-tiny",
+                          APPLIANCE_TRAIN_EPOCHS="1")
+    outcome = trainer.run("first")
+    assert outcome["result"] == "rejected" and "found nothing on the held-out tasks" in outcome["why"], outcome
+    assert ModelRegistry(tmp_path / "models").current() is None
+    assert trainer.status.read()["last"]["why"] == outcome["why"]
+
+
+def test_worse_candidate_is_not_published(tmp_path, shapes, embeddings):
     registry = ModelRegistry(tmp_path / "models")
-    trainer = trainer_for(tmp_path, synthetic_build(*shapes))
+    trainer = trainer_for(tmp_path, synthetic_build(*shapes), embeddings)
     assert trainer.run("first")["result"] == "published"
     serving = registry.current().version
     # Evaluate the serving model for real, then ask the decision about a candidate scoring below it.
@@ -105,9 +128,9 @@ def test_worse_candidate_is_not_published(tmp_path, shapes):
     assert len(registry.list()) == 1
 
 
-def test_crash_in_training_leaves_serving_intact_and_is_reported(tmp_path, shapes):
+def test_crash_in_training_leaves_serving_intact_and_is_reported(tmp_path, shapes, embeddings):
     registry = ModelRegistry(tmp_path / "models")
-    good = trainer_for(tmp_path, synthetic_build(*shapes))
+    good = trainer_for(tmp_path, synthetic_build(*shapes), embeddings)
     serving = good.run("first")["version"]
     broken = tmp_path / "broken"
     (broken / "images").mkdir(parents=True)

@@ -296,9 +296,9 @@ def test_output_loads_with_mmdet_as_the_trainer_configures_it(mixed_dataset, tmp
     from mmdet.registry import DATASETS
     from mmengine.registry import init_default_scope
 
-    from appliance.models.detection.configs import DEFAULT_ARCH, build_config
+    from appliance.models.detection.configs import build_config
 
-    cfg = build_config(DEFAULT_ARCH, LABELS, tmp_path / "work", directory)
+    cfg = build_config("rtmdet-ins-tiny", LABELS, tmp_path / "work", directory)  # the mask-loading pipeline
     dataset_cfg = cfg.train_dataloader.dataset
     assert (dataset_cfg.ann_file, dataset_cfg.data_prefix["img"]) == ("annotations.json", "images/")
     # Only the configured loading steps: the augmentations are mmdet's business, the annotations are ours.

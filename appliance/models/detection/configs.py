@@ -7,7 +7,7 @@ from typing import Any
 
 from appliance import compat
 
-DEFAULT_ARCH = "rtmdet-ins-tiny"
+DEFAULT_ARCH = "sam-det"
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,10 @@ import tempfile
 from pathlib import Path
 
 from appliance import compat
-from appliance.models.detection.configs import DEFAULT_ARCH, build_config
+from appliance.models.detection.configs import DEFAULT_ARCH, arch_spec, build_config
+
+# Pretrained MMDetection checkpoints are for bundled architectures; sam-det has none of its own.
+PRETRAINED_FALLBACK_ARCH = "rtmdet-ins-tiny"
 from appliance.models.registry import ModelRegistry
 
 
@@ -31,6 +34,8 @@ def import_pretrained(weights: Path, registry: ModelRegistry, classes: list[str]
     # An admin-provided file: official checkpoints pickle training state, so they need the trusted loader.
     checkpoint = compat.load_trusted_checkpoint(weights)
     state = checkpoint.get("state_dict", checkpoint)
+    if arch_spec(arch).config is None:
+        arch = PRETRAINED_FALLBACK_ARCH
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         build_config(arch, classes, out / "work").dump(str(out / "config.py"))

@@ -52,9 +52,13 @@ class LoadSamEmbedding(BaseTransform):
             height, width = int(results["height"]), int(results["width"])
         if embedding is None:
             rgb = np.ascontiguousarray(image[..., ::-1])
-            embedding = encode(load_sam(self.model_type, self.checkpoint), rgb)
-            if self._store is not None:
-                self._store.put(key or pixel_key(rgb), embedding)
+            if not key:  # no file key: the pixels' own, so the next epoch or call finds it
+                key = pixel_key(rgb)
+                embedding = self._store.get(key) if self._store is not None else None
+            if embedding is None:
+                embedding = encode(load_sam(self.model_type, self.checkpoint), rgb)
+                if self._store is not None:
+                    self._store.put(key, embedding)
         in_h, in_w = input_size(height, width)
         scale = (in_w / width, in_h / height)
         results["img"] = embedding.transpose(1, 2, 0)
