@@ -264,7 +264,7 @@ def test_presign_endpoint_redirects_to_a_signed_emulator_url(app, emulator):
 
 def test_image_fetcher_and_prediction_backend_fetch_gs_images(app):
     from appliance.backends import labeling
-    from appliance.backends.images import ImageFetcher, decode_image
+    from appliance.backends.images import ImageError, ImageFetcher, decode_image
     from appliance.backends.predict import PredictBackend
 
     uri = f"gs://{SOURCE}/images/chelsea.jpg"
@@ -277,7 +277,7 @@ def test_image_fetcher_and_prediction_backend_fetch_gs_images(app):
     assert fetcher.fetch(uri, task["id"]) == jpeg("chelsea")
     backend = PredictBackend(settings_of(app))  # the prediction backend's own fetch-and-decode path
     spec = labeling.parse(app.api("GET", f"/api/projects/{app.state()['project_id']}").json()["label_config"])
-    images, errors = backend._images([task], spec)
+    images, _keys, errors = backend._images([task], spec)
     assert not errors and images[0].shape == decode_image(jpeg("chelsea"), 10**8).shape == (300, 451, 3)
 
 
