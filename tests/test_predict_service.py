@@ -28,9 +28,12 @@ def tiny_models(tmp_path_factory) -> list[Path]:
 
     data = tmp_path_factory.mktemp("shapes")
     make_dataset(data, 8, CLASSES, seed=3)
-    first = train(data, CLASSES, tmp_path_factory.mktemp("m1"), epochs=1, batch_size=4, img_size=160)
-    second = train(data, CLASSES, tmp_path_factory.mktemp("m2"), epochs=1, batch_size=4, img_size=160,
-                   init_weights=Path(first) / "weights.pth", seed=1)
+    # RTMDet: the backend's serving path for any MMDetection model (sam-det's own tests are in test_samdet.py), and
+    # the architecture pretrained checkpoints are imported as.
+    first = train(data, CLASSES, tmp_path_factory.mktemp("m1"), arch="rtmdet-ins-tiny", epochs=1, batch_size=4,
+                  img_size=160)
+    second = train(data, CLASSES, tmp_path_factory.mktemp("m2"), arch="rtmdet-ins-tiny", epochs=1, batch_size=4,
+                   img_size=160, init_weights=Path(first) / "weights.pth", seed=1)
     return [Path(first), Path(second)]
 
 
@@ -199,3 +202,9 @@ def test_pretrained_weights_import_as_a_version(appliance, tiny_models):
         time.sleep(0.5)
     missing = cli(appliance, "model", "import", "--weights", "/nonexistent.pth")
     assert missing.returncode != 0 and "not found" in missing.stderr
+    # Weights that do not fit the classes given are refused before they become a version.
+    versions = cli(appliance, "model", "list").stdout
+    misfit = cli(appliance, "model", "import", "--weights", str(tiny_models[1] / "weights.pth"),
+                 "--classes", "a,b,c,d,e")
+    assert misfit.returncode != 0 and "does not match" in misfit.stderr, misfit.stderr[-2000:]
+    assert cli(appliance, "model", "list").stdout == versions and serving(appliance) == version

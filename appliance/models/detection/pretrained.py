@@ -8,10 +8,11 @@ from pathlib import Path
 
 from appliance import compat
 from appliance.models.detection.configs import DEFAULT_ARCH, arch_spec, build_config
+from appliance.models.detection.model import Detector
+from appliance.models.registry import ModelRegistry
 
 # Pretrained MMDetection checkpoints are for bundled architectures; sam-det has none of its own.
 PRETRAINED_FALLBACK_ARCH = "rtmdet-ins-tiny"
-from appliance.models.registry import ModelRegistry
 
 
 def coco_classes() -> list[str]:
@@ -41,4 +42,7 @@ def import_pretrained(weights: Path, registry: ModelRegistry, classes: list[str]
         build_config(arch, classes, out / "work").dump(str(out / "config.py"))
         torch.save({"state_dict": state}, out / "weights.pth")
         (out / "classes.json").write_text(json.dumps(classes))
+        # Loaded once here, as the prediction backend will: weights that do not fit (another architecture, another
+        # class count) are refused now instead of becoming a version nobody can serve.
+        Detector(out, device="cpu")
         return registry.publish(out, {"source": f"pretrained {Path(weights).name}"})
