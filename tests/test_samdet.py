@@ -101,8 +101,10 @@ def test_embedding_store_is_shared_across_processes_bounded_and_atomic(tmp_path)
                 seen += 1
     assert writer.wait() == 0 and "written" in writer.stdout.read()
     stats = reader.stats()
-    assert stats["files"] == 4 and stats["bytes"] <= 4 * per_file  # the oldest two were evicted
-    assert reader.get(f"{0:040x}") is None and (reader.get(f"{5:040x}") == 5).all()
+    # Two were evicted (the least recently used: which ones depends on what this process read meanwhile), never
+    # the one just written.
+    assert stats["files"] == 4 and stats["bytes"] <= 4 * per_file
+    assert (reader.get(f"{5:040x}") == 5).all()
     assert not list(root.glob(".*.tmp"))  # no temporary file left behind
     # A model type has its own keys: vit_b features never answer for vit_t.
     assert EmbeddingStore(root, 4 * per_file, "vit_b").get(f"{5:040x}") is None
