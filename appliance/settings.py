@@ -59,6 +59,10 @@ def _env(*names: str) -> AliasChoices:
     return AliasChoices(*names)
 
 
+# The architecture of APPLIANCE_DETECTOR_WEIGHTS (MMDetection's RTMDet-Ins-tiny COCO checkpoint).
+PRETRAINED_ARCH = "rtmdet-ins-tiny"
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(extra="ignore", populate_by_name=False, case_sensitive=True)
 
@@ -176,7 +180,9 @@ class Settings(BaseSettings):
     train_arch: Literal["sam-det", "rtmdet-ins-tiny", "rtmdet-ins-s", "mask-rcnn-r50"] = Field(
         "sam-det", validation_alias=_env("APPLIANCE_TRAIN_ARCH"),
         description="Detector architecture: sam-det (a box head on SAM's frozen encoder, SAM masks; learns from "
-                    "tens of images) or an MMDetection model trained from scratch.")
+                    "tens of images) or an MMDetection model (fine-tuned from APPLIANCE_DETECTOR_WEIGHTS, else from "
+                    "scratch). Default: sam-det, or rtmdet-ins-tiny (the weights' own) when "
+                    "APPLIANCE_DETECTOR_WEIGHTS is set.")
     holdout_percent: int = Field(20, ge=1, le=90, validation_alias=_env("APPLIANCE_HOLDOUT_PERCENT"),
                                  description="Share of tasks held out for evaluation (fixed by task id).")
     keep_versions: int = Field(5, ge=1, le=1000, validation_alias=_env("APPLIANCE_KEEP_VERSIONS"),
@@ -359,6 +365,13 @@ class Settings(BaseSettings):
         if value and (urlsplit(value).scheme not in ("http", "https") or not urlsplit(value).hostname):
             raise ValueError("must be an http(s) URL such as http://127.0.0.1:8080")
         return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _arch_of_weights(self) -> "Settings":
+        """Given pretrained detector weights, the trainer fine-tunes them unless told to train another arch."""
+        if self.detector_weights and "train_arch" not in self.model_fields_set:
+            self.train_arch = PRETRAINED_ARCH
+        return self
 
     @model_validator(mode="after")
     def _distinct_ports(self) -> "Settings":

@@ -132,6 +132,16 @@ def test_evaluate_perfect_predictions_score_one(tmp_path):
     assert nothing == {"bbox_mAP": 0.0, "segm_mAP": 0.0, "bbox_AP50": 0.0, "segm_AP50": 0.0,
                        "images": 3, "objects": metrics["objects"]}
 
+    # A pretrained model's own class names read as the project's labels through the label map.
+    def renamed(image):
+        return [Detection(f"coco-{d.label}", d.score, d.bbox, d.mask) for d in truth[image.tobytes()]]
+
+    assert evaluate(renamed, tmp_path / "annotations.json", tmp_path / "images")["segm_AP50"] == 0.0
+    mapped = evaluate(renamed, tmp_path / "annotations.json", tmp_path / "images",
+                      label_of={f"coco-{c}": c for c in CLASSES[1:]}.get)
+    # Only the mapped classes count: the unmapped one's objects are missed.
+    assert 0.0 < mapped["segm_AP50"] < 0.99 and mapped["segm_mAP"] < metrics["segm_mAP"]
+
 
 def test_corrupt_weights_fail_clearly(trained, tmp_path):
     broken = tmp_path / "broken"

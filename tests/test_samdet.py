@@ -153,3 +153,56 @@ def test_samdet_detector_masks_have_the_image_size(trained):
         assert det.mask is not None and det.mask.shape == (151, 203) and det.label in ("circle", "rectangle")
         x0, y0, x1, y1 = det.bbox
         assert 0 <= x0 <= x1 <= 203 and 0 <= y0 <= y1 <= 151
+
+
+def test_label_mapped_init_carries_the_head_rows_of_the_mapped_classes(trained, tmp_path):
+    """A model of circle/rectangle starts a project labelled Box/Triangle, with the map Box <- rectangle: Box's
+    class scores are rectangle's, boxes are regressed as before, and Triangle (no source class) starts fresh."""
+    from mmdet.registry import MODELS
+
+    from appliance.models.detection import transfer
+    from appliance.models.detection.configs import build_config
+    from appliance.models.detection.model import Detector
+
+    out, store, data = trained
+    source = Detector(out, device="cpu")._model.eval()
+    cfg = build_config("sam-det", ["Box", "Triangle"], tmp_path / "work")
+    init = transfer.mapped_init(cfg, out / "weights.pth", ["circle", "rectangle"], ["Box", "Triangle"],
+                                {"Box": "rectangle"}, tmp_path / "init.pth")
+    state = torch.load(init, weights_only=True)["state_dict"]
+    target = MODELS.build(cfg.model).eval()
+    missing, unexpected = target.load_state_dict(state, strict=False)
+    assert not unexpected and all(k.startswith(("backbone.", "sam_decoder.")) for k in missing)
+
+    embedding = torch.from_numpy(np.load(next(store.glob("vit_t-*.npy"))))[None]
+    with torch.no_grad():
+        (src_cls, src_box), (new_cls, new_box) = (m.bbox_head(m.neck(embedding)) for m in (source, target))
+    for level in range(len(src_cls)):
+        assert torch.allclose(new_cls[level][:, 0], src_cls[level][:, 1])  # Box continues rectangle
+        assert not torch.allclose(new_cls[level][:, 1], src_cls[level][:, 0])  # Triangle is new, not circle
+        assert torch.allclose(new_box[level], src_box[level])
+
+
+def test_label_mapped_fine_tune_runs_from_the_source_weights(trained, tmp_path):
+    from appliance.models.detection.train import train
+
+    out, store, data = trained
+    coco = json.loads((data / "annotations.json").read_text())
+    coco["categories"] = [{"id": 1, "name": "Round"}, {"id": 2, "name": "Box"}]
+    renamed = tmp_path / "data"
+    (renamed / "images").mkdir(parents=True)
+    for info in coco["images"]:
+        (renamed / "images" / info["file_name"]).write_bytes((data / "images" / info["file_name"]).read_bytes())
+    (renamed / "annotations.json").write_text(json.dumps(coco))
+    events: list[dict] = []
+    model = train(renamed, ["Round", "Box"], tmp_path / "model", arch="sam-det", epochs=1, batch_size=2,
+                  device="cpu", embedding_store=store, progress=events.append, lr=0.0,
+                  init_weights=out / "weights.pth", init_classes=["circle", "rectangle"],
+                  class_map={"Round": "circle", "Box": "rectangle"})
+    assert json.loads((model / "classes.json").read_text()) == ["Round", "Box"]
+    before = torch.load(out / "weights.pth", weights_only=True)["state_dict"]
+    after = torch.load(model / "weights.pth", weights_only=True)["state_dict"]
+    # With a learning rate of 0, the run ends where the mapped source started it (BatchNorm statistics move).
+    head = [k for k in before if k.startswith("bbox_head.") and ".bn" not in k and "running" not in k
+            and "num_batches" not in k]
+    assert head and all(torch.equal(before[k], after[k]) for k in head)

@@ -143,3 +143,44 @@ def test_crash_in_training_leaves_serving_intact_and_is_reported(tmp_path, shape
     assert registry.current().version == serving and len(registry.list()) == 1
     status = crashing.status.read()
     assert status["state"] == "failed" and status["error"] == outcome["error"]
+
+
+def test_pretrained_weights_are_fine_tuned_through_the_label_map(tmp_path, shapes):
+    """APPLIANCE_DETECTOR_WEIGHTS (a full MMDetection checkpoint, other class names) start the run: classes
+    mapped by APPLIANCE_LABEL_MAP or by name carry their head rows over; the rest of the network loads as is."""
+    import torch
+
+    from appliance.backends.labeling import parse
+    from appliance.models.detection.train import main as train_main
+    from appliance.trainer import init
+    from random_model import random_model
+
+    source = ModelRegistry(tmp_path / "source").path(random_model(tmp_path / "source", ["person", "Circle", "car"]))
+    weights = torch.load(source / "weights.pth", weights_only=True)["state_dict"]
+    checkpoint = tmp_path / "coco.pth"  # as MMDetection saves them: training state beside the weights
+    torch.save({"meta": {"epoch": 300, "dataset_meta": {"classes": ("person", "Circle", "car")}},
+                "state_dict": weights, "message_hub": {"log_dir": Path("/runs/coco")}}, checkpoint)
+    settings = load_settings({"APPLIANCE_DATA_DIR": str(tmp_path / "data"),
+                              "APPLIANCE_DETECTOR_WEIGHTS": str(checkpoint),
+                              "APPLIANCE_DETECTOR_CLASSES": "person,Circle,car", "APPLIANCE_LABEL_MAP": "car:rectangle"})
+    assert settings.train_arch == "rtmdet-ins-tiny"  # the weights' architecture unless another is asked for
+    spec = parse('<View><Image name="image" value="$image"/><BrushLabels name="tag" toName="image">'
+                 '<Label value="circle"/><Label value="rectangle"/></BrushLabels></View>')
+    labels_of = init.class_labels(settings, spec)
+    arguments = init.init_arguments(settings, None, LABELS, labels_of)
+    assert arguments[:4] == ["--init", str(checkpoint), "--init-classes", "person,Circle,car"]
+    assert json.loads(arguments[5]) == {"circle": "Circle", "rectangle": "car"} and arguments[-1] == "--init-trusted"
+
+    out = tmp_path / "model"
+    train_main(["--dataset", str(shapes[0]), "--out", str(out), "--classes", ",".join(LABELS),
+                "--arch", "rtmdet-ins-tiny", "--epochs", "1", "--img-size", "64", "--lr", "0",
+                "--init-weights", *arguments[1:]])
+    after = torch.load(out / "weights.pth", weights_only=True)["state_dict"]
+    for level in range(3):
+        rows = after[f"bbox_head.rtm_cls.{level}.weight"]
+        assert torch.equal(rows[0], weights[f"bbox_head.rtm_cls.{level}.weight"][1])  # circle <- Circle
+        assert torch.equal(rows[1], weights[f"bbox_head.rtm_cls.{level}.weight"][2])  # rectangle <- car
+    assert torch.equal(after["backbone.stem.0.conv.weight"], weights["backbone.stem.0.conv.weight"])
+    # And the serving model's classes read as the project's labels when it is evaluated.
+    assert init.labels_for(source, labels_of) == \
+        {"person": None, "Circle": "circle", "car": "rectangle"}

@@ -29,8 +29,12 @@ class LabelMapper:
         self.by_class.update({k: v for k, v in explicit.items() if v in targets})
         self.warned: set[str] = set()
 
+    def label(self, model_class: str) -> str | None:
+        """The template label of a model class, or None."""
+        return self.by_class.get(model_class.lower())
+
     def __call__(self, model_class: str) -> str | None:
-        label = self.by_class.get(model_class.lower())
+        label = self.label(model_class)
         if label is None and model_class not in self.warned:
             self.warned.add(model_class)  # one line per class, not per request
             log.warning("model class %r has no label in the template; its detections are dropped "

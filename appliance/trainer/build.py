@@ -27,6 +27,7 @@ class Datasets:
     labels: list[str]
     train_info: DatasetInfo
     holdout_info: DatasetInfo
+    spec: labeling.LabelingSpec | None = None  # the template: its predicted_values map model classes to labels
 
     def trained_labels(self) -> list[str]:
         """The labels with at least one training object, in template order (all of them when the counts are
@@ -74,4 +75,4 @@ def build_datasets(settings: Settings, work: Path) -> Datasets:
     holdout = build_dataset(tasks, out_dir=work / "holdout", split="holdout", **common)
     if train.objects == 0:
         raise DatasetError(f"no annotated objects in the training split yet ({len(tasks)} task(s) in the journal)")
-    return Datasets(work / "train", work / "holdout", labels, train, holdout)
+    return Datasets(work / "train", work / "holdout", labels, train, holdout, spec)

@@ -19,7 +19,9 @@ def emit(event: dict) -> None:
 
 
 def holdout_metrics(model_dir: Path, holdout: Path, device: str, img_size: int | None,
-                    embeddings: Path | None = None, embeddings_mb: int = 2048) -> dict | None:
+                    embeddings: Path | None = None, embeddings_mb: int = 2048,
+                    label_map: dict[str, str | None] | None = None) -> dict | None:
+    """label_map: model class -> project label, for a model trained on other classes (e.g. COCO's)."""
     from appliance.models.detection.evaluate import evaluate
     from appliance.models.detection.model import Detector
 
@@ -28,7 +30,8 @@ def holdout_metrics(model_dir: Path, holdout: Path, device: str, img_size: int |
         return None
     detector = Detector(model_dir, device=device, score_threshold=0.05, embedding_store=embeddings,
                         embedding_store_mb=embeddings_mb)
-    return evaluate(detector, annotations, holdout / "images")
+    label_of = (lambda name: label_map.get(name)) if label_map is not None else None
+    return evaluate(detector, annotations, holdout / "images", label_of=label_of)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -38,7 +41,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--classes", required=True)
     parser.add_argument("--init", type=Path)
+    parser.add_argument("--init-classes", help="classes of --init when they are not --classes")
+    parser.add_argument("--class-map", help='JSON {"label": "class of --init it continues"}')
+    parser.add_argument("--init-trusted", action="store_true", help="--init is a full checkpoint the admin gave")
     parser.add_argument("--current", type=Path)
+    parser.add_argument("--current-labels", help='JSON {"class of --current": "label" | null}')
     parser.add_argument("--arch", default="rtmdet-ins-tiny")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -59,11 +66,14 @@ def main(argv: list[str] | None = None) -> None:
     train(args.train, args.classes.split(","), args.out, arch=args.arch, init_weights=args.init,
           epochs=args.epochs, batch_size=args.batch_size, threads=args.threads, img_size=args.img_size,
           device=args.device, progress=emit, embedding_store=args.embeddings, embedding_store_mb=args.embeddings_mb,
-          sam_model_type=args.sam_model_type, sam_checkpoint=args.sam_checkpoint)
+          sam_model_type=args.sam_model_type, sam_checkpoint=args.sam_checkpoint,
+          init_classes=args.init_classes.split(",") if args.init_classes else None,
+          class_map=json.loads(args.class_map) if args.class_map else None, init_trusted=args.init_trusted)
     store = (args.embeddings, args.embeddings_mb)
     candidate = holdout_metrics(args.out, args.holdout, args.device, args.img_size, *store)
-    current = holdout_metrics(args.current, args.holdout, args.device, args.img_size, *store) if args.current \
-        else None
+    current_labels = json.loads(args.current_labels) if args.current_labels else None
+    current = holdout_metrics(args.current, args.holdout, args.device, args.img_size, *store,
+                              label_map=current_labels) if args.current else None
     emit({"event": "metrics", "candidate": candidate, "current": current})
 
 

@@ -24,7 +24,7 @@ from typing import Iterator
 
 from appliance import state as app_state
 from appliance.supervise import die_with_parent
-from appliance.trainer import journal
+from appliance.trainer import init, journal
 from appliance.trainer.schedule import Schedule
 from appliance.trainer.status import StatusFile
 from appliance.settings import Settings
@@ -190,11 +190,11 @@ class Trainer:
             command += ["--embeddings", str(self.settings.embeddings_dir)]
         if self.settings.sam_checkpoint:
             command += ["--sam-checkpoint", str(self.settings.sam_checkpoint)]
-        if current is not None and _same_classes(current.path, classes) and \
-                _same_arch(current.path, self.settings.train_arch):
-            command += ["--init", str(current.path / "weights.pth"), "--current", str(current.path)]
-        elif current is not None:
-            command += ["--current", str(current.path)]
+        labels_of = init.class_labels(self.settings, datasets.spec)
+        command += init.init_arguments(self.settings, current.path if current else None, classes, labels_of)
+        if current is not None:
+            command += ["--current", str(current.path),
+                        "--current-labels", json.dumps(init.labels_for(current.path, labels_of))]
         env = {**os.environ, "OMP_NUM_THREADS": str(self.settings.train_threads)}
         # The job dies with the trainer, even a trainer killed with -9: no training run outlives the appliance.
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
@@ -322,23 +322,6 @@ def finds_something(metrics: dict | None) -> bool:
         return False
     return max(metrics.get("segm_AP50", 0.0), metrics.get("bbox_AP50", 0.0),
                metrics.get("segm_mAP", 0.0), metrics.get("bbox_mAP", 0.0)) > 0
-
-
-def _same_arch(model_dir: Path, arch: str) -> bool:
-    """Whether the version was trained as ``arch`` (its weights can initialise the new run)."""
-    try:
-        from mmengine.config import Config
-
-        return Config.fromfile(str(model_dir / "config.py")).get("arch") == arch
-    except Exception:  # noqa: BLE001 - an unreadable config is simply not the same architecture
-        return False
-
-
-def _same_classes(model_dir: Path, labels: list[str]) -> bool:
-    try:
-        return json.loads((model_dir / "classes.json").read_text()) == labels
-    except (OSError, ValueError):
-        return False
 
 
 def _json(line: str) -> dict | None:

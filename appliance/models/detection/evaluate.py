@@ -12,15 +12,17 @@ from PIL import Image
 from appliance.models.detection.model import Detection, Detector
 
 PredictFn = Callable[[np.ndarray], list[Detection]]
+LabelOf = Callable[[str], "str | None"]
 KeyedPredictFn = Callable[[np.ndarray, "str | None"], list[Detection]]
 
 
 def evaluate(detector: Union[Detector, PredictFn], coco_json: Path, image_dir: Path,
-             score_threshold: float = 0.05) -> dict[str, float]:
+             score_threshold: float = 0.05, label_of: LabelOf | None = None) -> dict[str, float]:
     """{"bbox_mAP", "segm_mAP"} (COCO AP@[.5:.95], 0 when nothing is detected), "bbox_AP50", "segm_AP50" (AP at
     IoU 0.5) and the number of held-out "images" and "objects" they were measured on.
 
-    Detections are matched to categories by name. A Detector is run with
+    Detections are matched to categories by name, after ``label_of`` (model class -> label or None: the label map
+    a pretrained model is served with; detections without a label are dropped). A Detector is run with
     score_threshold (low, as usual for mAP); a plain function is used as is.
     """
     from pycocotools.coco import COCO
@@ -34,8 +36,9 @@ def evaluate(detector: Union[Detector, PredictFn], coco_json: Path, image_dir: P
         info = gt.loadImgs(image_id)[0]
         image = np.asarray(Image.open(Path(image_dir) / info["file_name"]).convert("RGB"))
         for det in predict(image, info.get("content_key")):
-            if det.label in category_ids:
-                results.append(_result(image_id, category_ids[det.label], det))
+            label = label_of(det.label) if label_of else det.label
+            if label in category_ids:
+                results.append(_result(image_id, category_ids[label], det))
     with_masks = [r for r in results if "segmentation" in r]
     bbox, segm = _map(gt, results, "bbox"), _map(gt, with_masks, "segm")
     return {"bbox_mAP": bbox[0], "segm_mAP": segm[0], "bbox_AP50": bbox[1], "segm_AP50": segm[1],

@@ -23,6 +23,7 @@ from typing import Any, Callable
 from mmengine.hooks import Hook
 
 from appliance import compat
+from appliance.models.detection import transfer
 from appliance.models.detection.configs import DEFAULT_ARCH, build_config
 
 Progress = Callable[[dict], None]
@@ -47,8 +48,15 @@ def train(
     embedding_store_mb: int = 2048,
     sam_model_type: str = "vit_t",
     sam_checkpoint: Path | None = None,
+    init_classes: list[str] | None = None,
+    class_map: dict[str, str] | None = None,
+    init_trusted: bool = False,
 ) -> Path:
     """Train on dataset_dir (annotations.json + images/) and write the model to out_dir.
+
+    init_weights start the run; when they were trained on other classes (``init_classes``), the head's class rows
+    are carried over by name or through ``class_map`` (label -> the init model's class it continues), see
+    transfer.py. ``init_trusted``: the init file is a full checkpoint the admin provided.
 
     The batch is min(batch_size, training images) and the learning rate (unless given) the architecture's recipe
     rate scaled linearly to that batch. Seeded and deterministic: the same data and seed give the same model.
@@ -69,6 +77,11 @@ def train(
                            img_size, load_from=init_weights, embedding_store=embedding_store,
                            embedding_store_mb=embedding_store_mb, sam_model_type=sam_model_type,
                            sam_checkpoint=sam_checkpoint)
+        if init_weights and init_classes is not None and list(init_classes) != list(classes):
+            cfg.load_from = str(transfer.mapped_init(cfg, init_weights, list(init_classes), list(classes),
+                                                     class_map or {}, work_dir / "init.pth", init_trusted))
+        elif init_weights and init_trusted:
+            cfg.load_from = str(_plain_copy(init_weights, work_dir / "init.pth"))
         compat.deterministic_env()
         cfg.randomness = dict(seed=seed, deterministic=True)
         cfg.log_level = log_level
@@ -80,6 +93,14 @@ def train(
     if progress:
         progress({"event": "done", "out_dir": str(out_dir)})
     return out_dir
+
+
+def _plain_copy(weights: Path, out: Path) -> Path:
+    """An admin's full checkpoint as a plain state dict (mmengine's loader accepts only weights)."""
+    import torch
+
+    torch.save({"state_dict": transfer.load_weights(weights, trusted=True)}, out)
+    return out
 
 
 def _set_threads(threads: int) -> None:
@@ -175,7 +196,9 @@ def main(argv: list[str] | None = None) -> int:
         train(args.dataset, args.classes.split(","), args.out, args.arch, args.init_weights,
               args.epochs, args.batch_size, args.threads, emit, args.lr, args.img_size,
               args.device, args.seed, embedding_store=args.embeddings, embedding_store_mb=args.embeddings_mb,
-              sam_model_type=args.sam_model_type, sam_checkpoint=args.sam_checkpoint)
+              sam_model_type=args.sam_model_type, sam_checkpoint=args.sam_checkpoint,
+              init_classes=args.init_classes.split(",") if args.init_classes else None,
+              class_map=json.loads(args.class_map) if args.class_map else None, init_trusted=args.init_trusted)
     except Exception as exc:  # noqa: BLE001 - reported to the parent process
         emit({"event": "error", "error": f"{type(exc).__name__}: {exc}"})
         raise
@@ -189,6 +212,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--classes", help="comma-separated; default: categories of annotations.json")
     p.add_argument("--arch", default=DEFAULT_ARCH)
     p.add_argument("--init-weights", type=Path)
+    p.add_argument("--init-classes", help="comma-separated classes of --init-weights, when they differ")
+    p.add_argument("--class-map", help='JSON {"label": "class of --init-weights it continues"}')
+    p.add_argument("--init-trusted", action="store_true", help="--init-weights is a full checkpoint you trust")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--threads", type=int, default=1)

@@ -1,0 +1,78 @@
+"""What a training run starts from, and how another model's classes read as the project's labels.
+
+In order: the serving model when it has the architecture being trained (when the project's labels changed, its
+head's class rows are carried over through the label map); else APPLIANCE_DETECTOR_WEIGHTS when they are of that
+architecture (the admin's pretrained checkpoint, e.g. COCO's, never trained from scratch); else the architecture's
+own initialisation (sam-det: SAM's pretrained encoder and decoder, a fresh head).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+from appliance.backends.label_map import LabelMapper, parse_label_map
+from appliance.backends.labeling import LabelingSpec
+from appliance.settings import PRETRAINED_ARCH, Settings
+
+LabelOf = Callable[[str], "str | None"]
+
+
+def class_labels(settings: Settings, spec: LabelingSpec | None) -> LabelOf:
+    """Model class -> project label, as the prediction backend maps them (APPLIANCE_LABEL_MAP, the template's
+    predicted_values, the same name in any case)."""
+    if spec is None:
+        return lambda name: name
+    return LabelMapper(spec, parse_label_map(settings.label_map)).label
+
+
+def labels_for(model_dir: Path, labels_of: LabelOf) -> dict[str, str | None]:
+    return {name: labels_of(name) for name in _classes(model_dir)}
+
+
+def init_arguments(settings: Settings, current_dir: Path | None, classes: list[str], labels_of: LabelOf) -> list[str]:
+    """The training job's --init arguments (none: the architecture's own initialisation)."""
+    source = _source(settings, current_dir)
+    if source is None:
+        return []
+    weights, source_classes, trusted = source
+    arguments = ["--init", str(weights)]
+    if source_classes != classes:
+        class_map = {}
+        for label in classes:
+            continued = [name for name in source_classes if labels_of(name) == label]
+            if continued:
+                class_map[label] = continued[0]
+        arguments += ["--init-classes", ",".join(source_classes), "--class-map", json.dumps(class_map)]
+    if trusted:
+        arguments.append("--init-trusted")
+    return arguments
+
+
+def _source(settings: Settings, current_dir: Path | None) -> tuple[Path, list[str], bool] | None:
+    if current_dir is not None and _arch(current_dir) == settings.train_arch:
+        return current_dir / "weights.pth", _classes(current_dir), False
+    weights = settings.detector_weights
+    if weights and settings.train_arch == PRETRAINED_ARCH and Path(weights).is_file():
+        from appliance.models.detection.pretrained import resolve_classes
+
+        return Path(weights), resolve_classes(settings.detector_classes), True
+    return None
+
+
+def _arch(model_dir: Path) -> str | None:
+    """The architecture a version was trained as (None: unreadable)."""
+    try:
+        from mmengine.config import Config
+
+        return Config.fromfile(str(model_dir / "config.py")).get("arch")
+    except Exception:  # noqa: BLE001 - an unreadable config initialises nothing
+        return None
+
+
+def _classes(model_dir: Path) -> list[str]:
+    try:
+        return list(json.loads((model_dir / "classes.json").read_text()))
+    except (OSError, ValueError):
+        return []
