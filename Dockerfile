@@ -41,6 +41,6 @@ USER appliance
 VOLUME /data
 EXPOSE 8080
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
-  CMD curl -fsS http://127.0.0.1:8080/health || exit 1
+  CMD curl -fsS "http://127.0.0.1:${APPLIANCE_PORT:-8080}/health" || exit 1
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["tini", "--", "appliance", "up"]

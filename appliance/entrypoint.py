@@ -14,7 +14,7 @@ import socket
 import sys
 from pathlib import Path
 
-from appliance import orphans, samples, studio, template, volume
+from appliance import gpu, orphans, samples, studio, template, volume
 from appliance.programs import process_env
 from appliance.secrets import ensure_secrets
 from appliance.settings import ConfigError, Settings, load_settings
@@ -119,8 +119,17 @@ def supervisor_env(settings: Settings) -> dict[str, str]:
     return env
 
 
+def check_device(settings: Settings) -> None:
+    """APPLIANCE_DEVICE=cuda needs a usable GPU; a visible GPU that is not used is said at start, not hidden."""
+    if settings.device == "cuda":
+        gpu.require_cuda()
+    if settings.device != "cpu" and gpu.gpu_visible():
+        say("device: " + gpu.summary(gpu.report()))
+
+
 def prepare(settings: Settings) -> None:
     check_template(settings)
+    check_device(settings)
     check_data_dir(settings)
     prepare_dirs(settings)
     take_over(settings)

@@ -169,8 +169,13 @@ class Settings(BaseSettings):
     train_epochs: int = Field(20, ge=1, le=1000, validation_alias=_env("APPLIANCE_TRAIN_EPOCHS"),
                               description="Epochs per training run (sam-det: 20 images in under a minute on 2 CPU "
                                           "cores; RTMDet from scratch wants 30 or more).")
-    train_img_size: int = Field(320, ge=64, le=2048, validation_alias=_env("APPLIANCE_TRAIN_IMG_SIZE"),
-                                description="Training and inference image size (RTMDet's 640 suits a GPU).")
+    train_img_size: int = Field(0, ge=0, le=2048, validation_alias=_env("APPLIANCE_TRAIN_IMG_SIZE"),
+                                description="Training and inference image size of RTMDet / Mask R-CNN (sam-det always "
+                                            "works in SAM's 1024 frame); 0: 320 on a CPU, 640 (RTMDet's own) on a "
+                                            "GPU.")
+    train_batch: int = Field(0, ge=0, le=512, validation_alias=_env("APPLIANCE_TRAIN_BATCH"),
+                             description="Images per training step (the learning rate follows it); 0: 4 on a CPU, "
+                                         "16 on a GPU.")
     train_threads: int = Field(1, ge=1, le=256, validation_alias=_env("APPLIANCE_TRAIN_THREADS"),
                                description="CPU threads a training run may use (annotating must stay fluid).")
     train_timeout_minutes: float = Field(180, ge=0.01, le=10080,
@@ -365,6 +370,13 @@ class Settings(BaseSettings):
         if value and (urlsplit(value).scheme not in ("http", "https") or not urlsplit(value).hostname):
             raise ValueError("must be an http(s) URL such as http://127.0.0.1:8080")
         return value.rstrip("/")
+
+    @field_validator("train_img_size")
+    @classmethod
+    def _img_size(cls, value: int) -> int:
+        if 0 < value < 64:
+            raise ValueError("must be 0 (the device's default) or at least 64")
+        return value
 
     @model_validator(mode="after")
     def _arch_of_weights(self) -> "Settings":

@@ -58,9 +58,22 @@ def trainer(settings: Settings) -> dict[str, Any]:
     return StatusFile(settings.trainer_dir / "status.json").read() or {"state": "not started"}
 
 
+def devices(settings: Settings) -> dict[str, Any]:
+    """This machine's GPU readiness, and the device the running SAM model reports."""
+    from appliance import gpu
+
+    info = {"setting": settings.device, **gpu.report()}
+    try:
+        info["sam"] = requests.get(f"{settings.sam_base_url}/health", timeout=2,
+                                   auth=settings.backend_credentials).json().get("device")
+    except (requests.RequestException, ValueError):
+        info["sam"] = None
+    return info
+
+
 def collect(settings: Settings) -> dict[str, Any]:
     return {"processes": processes(settings), "project": project(settings), "serving_model": serving_model(settings),
-            "trainer": trainer(settings)}
+            "trainer": trainer(settings), "devices": devices(settings)}
 
 
 def render_trainer(run: dict[str, Any]) -> list[str]:
@@ -99,6 +112,12 @@ def render(report: dict[str, Any]) -> str:
     lines.append(f"  {model}" if isinstance(model, str) else
                  f"  {model['model_version']}" + (f" ({model['message']})" if model.get("message") else ""))
     lines += render_trainer(report["trainer"])
+    if "devices" in report:
+        from appliance.gpu import summary
+
+        dev = report["devices"]
+        lines += ["Devices:", f"  APPLIANCE_DEVICE={dev['setting']}: {summary(dev)}",
+                  f"  SAM model on {dev['sam'] or 'unknown (SAM backend not answering)'}"]
     return "\n".join(lines)
 
 

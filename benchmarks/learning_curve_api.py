@@ -21,6 +21,7 @@ import contextlib
 import io
 import json
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -109,7 +110,7 @@ def train_round(app: Appliance, tasks: dict, masks: dict, files: list[str]) -> d
     return {"last": last, "to_serving_s": serving, "dataset": trainer_status(app).get("dataset", {})}
 
 
-def served_predictions(app: Appliance, version: str, files: list[str], timeout: float = 1800) -> dict[str, dict]:
+def served_predictions(app: Appliance, version: str, files: list[str], timeout: float = 900) -> dict[str, dict]:
     """file name -> the prediction of ``version`` Label Studio holds for it (the trainer's re-prediction)."""
     pid = app.state()["project_id"]
     deadline = time.time() + timeout
@@ -188,7 +189,7 @@ def run_arch(arch: str, ns: list[int], threads: int, workdir: Path) -> list[dict
     try:
         app.api("POST", f"/api/storages/localfiles/{app.state()['local_storage_id']}/sync").raise_for_status()
         tasks = tasks_by_file(app, len(names))
-        done = 0
+        done, serving = 0, None
         for n in ns:
             outcome = train_round(app, tasks, masks, names[done:n])
             done = n
@@ -199,11 +200,11 @@ def run_arch(arch: str, ns: list[int], threads: int, workdir: Path) -> list[dict
                    "holdout_images": outcome["dataset"].get("holdout_images"),
                    "train_images": outcome["dataset"].get("train_images"),
                    "holdout_AP50": (last.get("candidate") or {}).get("segm_AP50")}
-            version = serving_version(app)
-            if version:
-                predictions = served_predictions(app, version, [i["file_name"] for i in eval_images])
+            serving = last.get("version") if last.get("result") == "published" else serving
+            if serving:  # the version serving now (a rejected run leaves the previous one)
+                predictions = served_predictions(app, serving, [i["file_name"] for i in eval_images])
                 row.update(score(predictions, eval_images, masks), predicted_tasks=len(predictions),
-                           scored_version=version)
+                           scored_version=serving)
             rows.append(row)
             print(json.dumps(row), flush=True)
     finally:
@@ -232,6 +233,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="APPLIANCE_TRAIN_THREADS")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the appliance (finally) when stopped
     ns = [int(n) for n in args.ns.split(",")]
     rows = []
     with tempfile.TemporaryDirectory(prefix="curve-") as tmp:

@@ -67,7 +67,7 @@ Variables:
   FORCE_GPU              1: act as if an NVIDIA GPU were present, 0: as if none (default: detect)
   INSTALL_NVIDIA_DRIVER  0: never install the driver (e.g. an image that ships one) (default 1)
   NVIDIA_DRIVER_PACKAGE  apt package(s) to install as the driver instead of the distribution's choice
-                         (e.g. nvidia-driver-550-server on Ubuntu)
+                         (e.g. nvidia-driver-580-server on Ubuntu; 580 or newer: the image's CUDA 13 build)
   AUTO_REBOOT            1: reboot once when a fresh driver needs it, 0: never (default: 1 on GCE,
                          where the startup script runs again after the reboot; 0 elsewhere)
   HEALTH_TIMEOUT         seconds to wait for the container to be healthy (default 600)
@@ -294,7 +294,19 @@ detect_gpu() {
   if ((GPU == 1)); then log "NVIDIA GPU detected"; else log "no NVIDIA GPU detected: CPU mode"; fi
 }
 
-driver_works() { have nvidia-smi && nvidia-smi -L >/dev/null 2>&1; }
+# The image's torch 2.14.1 is a CUDA 13 build: it needs an NVIDIA driver of the 580 branch or newer. With an older
+# driver the appliance runs on the CPU (and says so in `appliance status`), so an older driver counts as missing.
+MIN_DRIVER_MAJOR=580
+
+driver_version() { nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -n1; }
+driver_works() {
+  have nvidia-smi && nvidia-smi -L >/dev/null 2>&1 || return 1
+  local version
+  version=$(driver_version)
+  [[ ${version%%.*} =~ ^[0-9]+$ ]] && ((${version%%.*} >= MIN_DRIVER_MAJOR)) && return 0
+  warn "NVIDIA driver ${version:-unknown} is older than $MIN_DRIVER_MAJOR, which the image's CUDA 13 build needs"
+  return 1
+}
 
 # Best effort: the driver is the one step that can need a reboot and, on Debian, the non-free archive.
 # Other routes on GCE: an image that ships the driver (Deep Learning VM images; set INSTALL_NVIDIA_DRIVER=0)
@@ -302,7 +314,7 @@ driver_works() { have nvidia-smi && nvidia-smi -L >/dev/null 2>&1; }
 # has no apt and is not a target of this script.
 install_nvidia_driver() {
   if [[ $DRY_RUN != 1 ]] && driver_works; then
-    log "NVIDIA driver present: $(nvidia-smi --query-gpu=driver_version --format=csv,noheader | head -n1)"
+    log "NVIDIA driver present: $(driver_version)"
     return 0
   fi
   if [[ $DRY_RUN == 1 ]] && have nvidia-smi; then
@@ -325,15 +337,26 @@ install_nvidia_driver() {
   elif [[ $id == ubuntu || $id_like == *ubuntu* ]]; then
     # ubuntu-drivers picks the recommended, signed (Secure Boot friendly) driver for this GPU and kernel.
     apt_install ubuntu-drivers-common
-    run ubuntu-drivers install || run ubuntu-drivers autoinstall || {
-      warn "ubuntu-drivers could not install a driver: set NVIDIA_DRIVER_PACKAGE (e.g. nvidia-driver-550-server)"
+    # The branch is pinned: the recommended one can be older than the CUDA build in the image accepts.
+    run ubuntu-drivers install "nvidia:${MIN_DRIVER_MAJOR}-server" ||
+      apt_install "nvidia-driver-${MIN_DRIVER_MAJOR}-server" || {
+      warn "could not install nvidia-driver-${MIN_DRIVER_MAJOR}-server: set NVIDIA_DRIVER_PACKAGE to a driver" \
+        "of the $MIN_DRIVER_MAJOR branch or newer"
       return 1
     }
   elif [[ $id == debian || $id_like == *debian* ]]; then
     # Debian ships the driver in contrib/non-free; the module is built by DKMS against the running kernel
     # (unsigned: with Secure Boot on, it does not load).
     [[ $DRY_RUN == 1 ]] || apt_update
-    if apt-cache policy nvidia-driver 2>/dev/null | grep -q 'Candidate: [0-9]'; then
+    local candidate
+    candidate=$(apt-cache policy nvidia-driver 2>/dev/null | sed -n 's/^ *Candidate: \([0-9]*\).*/\1/p')
+    if [[ -n $candidate ]] && ((candidate < MIN_DRIVER_MAJOR)); then
+      warn "Debian's nvidia-driver is $candidate, older than $MIN_DRIVER_MAJOR (the image's CUDA 13 build):" \
+        "set NVIDIA_DRIVER_PACKAGE=cuda-drivers with NVIDIA's CUDA apt repository, or use an image with a" \
+        "newer driver (GCE Deep Learning VM, INSTALL_NVIDIA_DRIVER=0). Continuing in CPU mode."
+      return 1
+    fi
+    if [[ -n $candidate ]]; then
       apt_install "linux-headers-$(uname -r)" nvidia-driver firmware-misc-nonfree || {
         warn "could not install nvidia-driver"
         return 1

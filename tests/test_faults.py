@@ -206,3 +206,51 @@ def wait_for(condition, timeout: float, log_path: Path) -> None:
     while not condition():
         assert time.time() < deadline, log_path.read_text()[-3000:]
         time.sleep(0.5)
+
+
+def test_cuda_asked_for_but_unusable_stops_start_up_with_one_line(tmp_path):
+    import torch
+
+    from appliance import gpu
+
+    if torch.cuda.is_available():  # a GPU machine: the same setting must start (checked by the GPU benchmark)
+        gpu.require_cuda()
+        return
+    data = tmp_path / "data"
+    line = one_line(up({**appliance_env(data), "APPLIANCE_DEVICE": "cuda"}))
+    assert line.startswith("configuration error: APPLIANCE_DEVICE=cuda but ") and gpu.report()["why"] in line
+    assert not data.exists()
+
+
+def test_gpu_readiness_says_why_a_gpu_is_not_used(tmp_path, monkeypatch):
+    from appliance import gpu
+
+    proc_file = tmp_path / "version"  # the kernel module's own line, as /proc/driver/nvidia/version has it
+    proc_file.write_text("NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.90.07  Fri May 31 09:35:42 UTC 2024\n"
+                         "GCC version:  gcc version 12.3.0 (Ubuntu 12.3.0-1ubuntu1~22.04)\n")
+    monkeypatch.setattr(gpu, "DRIVER_FILE", proc_file)
+    assert gpu.driver_version() == "550.90.07" and gpu.gpu_visible()
+    info = {"torch": "2.14.1+cu130", "cuda_build": "13.0", "driver": gpu.driver_version(), "visible": True,
+            "usable": False, "device": "cpu"}
+    info["why"] = gpu._why_not(info, [])
+    assert info["why"] == "NVIDIA driver 550.90.07 is too old for torch's CUDA 13.0 build: install driver 580 or newer"
+    assert gpu.summary(info).endswith("GPU not used: " + info["why"])
+    info.update(driver="580.65.06")
+    assert "CUDA is unusable: cudaGetDeviceCount" in gpu._why_not(info, ["cudaGetDeviceCount failed\nmore"])
+    assert gpu._why_not({**info, "cuda_build": None}, []) == "this torch (2.14.1+cu130) is a CPU-only build"
+
+
+def test_training_sizes_default_by_device_and_bad_sizes_are_refused():
+    import torch
+
+    from appliance.trainer.job import device_defaults
+
+    assert device_defaults("cpu", 0, 0) == (320, 4)
+    assert device_defaults("cuda", 0, 0) == (640, 16)  # a GPU takes RTMDet's own size and bigger batches
+    assert device_defaults("auto", 0, 0) == ((640, 16) if torch.cuda.is_available() else (320, 4))
+    assert device_defaults("cuda", 192, 2) == (192, 2)  # what the admin sets wins
+    settings = load_settings({})
+    assert settings.train_img_size == 0 and settings.train_batch == 0
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"APPLIANCE_TRAIN_IMG_SIZE": "32"})
+    assert "APPLIANCE_TRAIN_IMG_SIZE" in caught.value.line and "at least 64" in caught.value.line

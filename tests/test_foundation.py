@@ -92,6 +92,12 @@ def test_open_signup_is_refused(appliance):
 
 
 def test_status_reports_processes_project_and_connections(appliance):
+    sam = f"http://127.0.0.2:{appliance.env['APPLIANCE_SAM_PORT']}/health"
+    auth = ("labelstudio", appliance.secrets()["APPLIANCE_BACKEND_SECRET"])
+    deadline = time.time() + 240
+    while not requests.get(sam, auth=auth, timeout=10).json().get("ready"):  # the SAM model is loaded
+        assert time.time() < deadline, "SAM never became ready"
+        time.sleep(1)
     out = subprocess.run([sys.executable, "-m", "appliance", "status", "--json"], env=appliance.env,
                          capture_output=True, text=True, cwd=ROOT, timeout=60)
     report = json.loads(out.stdout)
@@ -101,6 +107,15 @@ def test_status_reports_processes_project_and_connections(appliance):
     assert report["project"]["tasks"] == 5
     assert {m["state"] for m in report["project"]["ml_backends"]} == {"CO"}
     assert report["serving_model"]["model_version"]
+    import torch  # the device each model uses, and why a GPU is not used when it is not
+
+    devices = report["devices"]
+    assert devices["setting"] == "auto" and devices["cuda_build"] == torch.version.cuda
+    assert devices["sam"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert devices["usable"] or devices["why"]
+    text = subprocess.run([sys.executable, "-m", "appliance", "status"], env=appliance.env, capture_output=True,
+                          text=True, cwd=ROOT, timeout=60).stdout
+    assert f"APPLIANCE_DEVICE=auto: {devices['device']}" in text and "SAM model on " in text
 
 
 def test_secrets_file_is_private_and_never_logged(appliance):

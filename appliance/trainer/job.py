@@ -34,6 +34,20 @@ def holdout_metrics(model_dir: Path, holdout: Path, device: str, img_size: int |
     return evaluate(detector, annotations, holdout / "images", label_of=label_of)
 
 
+# Defaults by device: a CPU trains small batches of small images; a GPU takes RTMDet's own size and bigger batches.
+CPU_SIZES = {"img_size": 320, "batch_size": 4}
+GPU_SIZES = {"img_size": 640, "batch_size": 16}
+
+
+def device_defaults(device: str, img_size: int, batch_size: int) -> tuple[int, int]:
+    """(img_size, batch_size) with 0 replaced by the default of the device the run uses."""
+    import torch
+
+    on_gpu = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    sizes = GPU_SIZES if on_gpu else CPU_SIZES
+    return img_size or sizes["img_size"], batch_size or sizes["batch_size"]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--train", type=Path, required=True)
@@ -48,8 +62,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--current-labels", help='JSON {"class of --current": "label" | null}')
     parser.add_argument("--arch", default="rtmdet-ins-tiny")
     parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--img-size", type=int, default=320)
+    parser.add_argument("--batch-size", type=int, default=0, help="0: the device's default")
+    parser.add_argument("--img-size", type=int, default=0, help="0: the device's default")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--embeddings", type=Path, help="the shared SAM embedding store")
@@ -61,6 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    args.img_size, args.batch_size = device_defaults(args.device, args.img_size, args.batch_size)
     from appliance.models.detection.train import train
 
     train(args.train, args.classes.split(","), args.out, arch=args.arch, init_weights=args.init,

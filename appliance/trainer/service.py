@@ -183,6 +183,7 @@ class Trainer:
                    "--holdout", str(datasets.holdout), "--out", str(work / "model"),
                    "--classes", ",".join(classes), "--arch", self.settings.train_arch,
                    "--epochs", str(self.settings.train_epochs), "--img-size", str(self.settings.train_img_size),
+                   "--batch-size", str(self.settings.train_batch),
                    "--threads", str(self.settings.train_threads), "--device", self.settings.device,
                    "--embeddings-mb", str(self.settings.embedding_store_mb),
                    "--sam-model-type", self.settings.sam_model_type]

