@@ -110,19 +110,15 @@ def train_round(app: Appliance, tasks: dict, masks: dict, files: list[str]) -> d
     return {"last": last, "to_serving_s": serving, "dataset": trainer_status(app).get("dataset", {})}
 
 
-def served_predictions(app: Appliance, version: str, files: list[str], timeout: float = 900) -> dict[str, dict]:
+def served_predictions(app: Appliance, version: str, tasks: dict[str, dict], files: list[str],
+                       timeout: float = 900) -> dict[str, dict]:
     """file name -> the prediction of ``version`` Label Studio holds for it (the trainer's re-prediction)."""
-    pid = app.state()["project_id"]
+    names = {tasks[name]["id"]: name for name in files}
     deadline = time.time() + timeout
     while True:
-        tasks = app.api("GET", f"/api/projects/{pid}/export",
-                        params={"exportType": "JSON", "download_all_tasks": "true"}).json()
-        found = {}
-        for task in tasks:
-            name = task["data"]["image"].rsplit("/", 1)[-1]
-            for prediction in task.get("predictions", []):
-                if name in files and prediction.get("model_version") == version:
-                    found[name] = prediction
+        listed = app.api("GET", "/api/predictions/", params={"project": app.state()["project_id"]}).json()
+        found = {names[p["task"]]: p for p in (listed if isinstance(listed, list) else listed.get("results", []))
+                 if p.get("task") in names and p.get("model_version") == version}
         if len(found) == len(files) or time.time() > deadline:
             return found
         time.sleep(3)
@@ -202,7 +198,7 @@ def run_arch(arch: str, ns: list[int], threads: int, workdir: Path) -> list[dict
                    "holdout_AP50": (last.get("candidate") or {}).get("segm_AP50")}
             serving = last.get("version") if last.get("result") == "published" else serving
             if serving:  # the version serving now (a rejected run leaves the previous one)
-                predictions = served_predictions(app, serving, [i["file_name"] for i in eval_images])
+                predictions = served_predictions(app, serving, tasks, [i["file_name"] for i in eval_images])
                 row.update(score(predictions, eval_images, masks), predicted_tasks=len(predictions),
                            scored_version=serving)
             rows.append(row)

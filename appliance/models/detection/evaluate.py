@@ -12,6 +12,7 @@ from PIL import Image
 from appliance.models.detection.model import Detection, Detector
 
 PredictFn = Callable[[np.ndarray], list[Detection]]
+MAX_DETECTIONS = 1000  # per image, in AP (COCO's default of 100 caps recall on dense images)
 LabelOf = Callable[[str], "str | None"]
 KeyedPredictFn = Callable[[np.ndarray, "str | None"], list[Detection]]
 
@@ -66,7 +67,7 @@ def _result(image_id: int, category_id: int, det: Detection) -> dict:
 
 
 def _map(gt, results: list[dict], iou_type: str) -> tuple[float, float]:
-    """(AP@[.5:.95], AP@.5)."""
+    """(AP@[.5:.95], AP@.5), all areas, up to MAX_DETECTIONS per image."""
     from pycocotools.cocoeval import COCOeval
 
     if not results or not gt.getAnnIds():
@@ -74,7 +75,15 @@ def _map(gt, results: list[dict], iou_type: str) -> tuple[float, float]:
     with contextlib.redirect_stdout(io.StringIO()):
         dt = gt.loadRes([dict(r) for r in results])  # loadRes edits its input
         ev = COCOeval(gt, dt, iou_type)
+        # COCO's default counts 100 detections per image; dense images (cells, crowds) hold more objects than that.
+        ev.params.maxDets = [1, 10, MAX_DETECTIONS]
         ev.evaluate()
         ev.accumulate()
-        ev.summarize()
-    return float(max(0.0, ev.stats[0])), float(max(0.0, ev.stats[1]))
+    # summarize() would read AP@[.5:.95] at 100 detections only: read the accumulated precision directly.
+    precision = ev.eval["precision"][:, :, :, 0, -1]  # [IoU threshold, recall, class] at area "all"
+    return _mean(precision), _mean(precision[0])
+
+
+def _mean(values) -> float:
+    kept = values[values > -1]  # -1: a class without ground truth
+    return float(kept.mean()) if kept.size else 0.0
