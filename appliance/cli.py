@@ -64,7 +64,7 @@ def _train(args) -> None:
 def _status(args) -> None:
     from appliance import runtime, status
 
-    status.main(runtime.load(), as_json=args.json)
+    raise SystemExit(status.main(runtime.load(), as_json=args.json))
 
 
 def _model(args) -> None:

@@ -76,9 +76,21 @@ def collect(settings: Settings) -> dict[str, Any]:
             "trainer": trainer(settings), "devices": devices(settings)}
 
 
-def render_trainer(run: dict[str, Any]) -> list[str]:
-    lines = ["Trainer:", f"  {run.get('state')}" + (f", {run.get('pending_changes')} annotation(s) waiting"
-                                                    if run.get("pending_changes") else "")]
+def waiting_for(run: dict[str, Any], settings: Settings | None) -> str:
+    """What starts the next run, in words."""
+    pending = int(run.get("pending_changes") or 0)
+    if settings is None:
+        return f"{pending} annotation(s) waiting" if pending else ""
+    more = max(0, settings.train_min_new - pending)
+    quiet = f", or {settings.train_quiet_seconds} s after the last one" if pending else ""
+    return (f"{pending} new annotation(s); the next run starts after {more} more{quiet} "
+            f"(or now: `appliance train`)")
+
+
+def render_trainer(run: dict[str, Any], settings: Settings | None = None) -> list[str]:
+    state = run.get("state") or "not started"
+    detail = waiting_for(run, settings) if state == "idle" else ""
+    lines = ["Trainer:", f"  {state}" + (f": {detail}" if detail else "")]
     if run.get("state") == "running":
         eta = f", about {run['eta_s']:.0f} s left" if run.get("eta_s") is not None else ""
         loss = f", loss {run['loss']:.3f}" if run.get("loss") is not None else ""
@@ -93,7 +105,7 @@ def render_trainer(run: dict[str, Any]) -> list[str]:
     return lines
 
 
-def render(report: dict[str, Any]) -> str:
+def render(report: dict[str, Any], settings: Settings | None = None) -> str:
     lines = ["Processes:"]
     procs = report["processes"]
     lines += [f"  {procs}"] if isinstance(procs, str) else [f"  {p['name']:<10} {p['state']:<9} {p['uptime']}"
@@ -111,7 +123,7 @@ def render(report: dict[str, Any]) -> str:
     lines.append("Serving model:")
     lines.append(f"  {model}" if isinstance(model, str) else
                  f"  {model['model_version']}" + (f" ({model['message']})" if model.get("message") else ""))
-    lines += render_trainer(report["trainer"])
+    lines += render_trainer(report["trainer"], settings)
     if "devices" in report:
         from appliance.gpu import summary
 
@@ -121,6 +133,8 @@ def render(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(settings: Settings, as_json: bool) -> None:
+def main(settings: Settings, as_json: bool) -> int:
+    """Prints the report; exit code 1 when the appliance is down (supervisord not running or not answering)."""
     report = collect(settings)
-    print(json.dumps(report, indent=2) if as_json else render(report))
+    print(json.dumps(report, indent=2) if as_json else render(report, settings))
+    return 1 if isinstance(report["processes"], str) else 0

@@ -254,3 +254,14 @@ def test_training_sizes_default_by_device_and_bad_sizes_are_refused():
     with pytest.raises(ConfigError) as caught:
         load_settings({"APPLIANCE_TRAIN_IMG_SIZE": "32"})
     assert "APPLIANCE_TRAIN_IMG_SIZE" in caught.value.line and "at least 64" in caught.value.line
+
+
+def test_status_of_a_stopped_appliance_exits_1_and_says_what_the_trainer_waits_for(tmp_path):
+    env = appliance_env(tmp_path / "data", APPLIANCE_TRAIN_MIN_NEW="7")
+    done = up(env, "status")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "supervisord is not running" in done.stdout and "Trainer:\n  not started" in done.stdout, done.stdout
+    (tmp_path / "data" / "trainer").mkdir(parents=True)
+    (tmp_path / "data" / "trainer" / "status.json").write_text(json.dumps({"state": "idle", "pending_changes": 3}))
+    shown = up(env, "status").stdout.split("Trainer:")[-1]
+    assert "idle: 3 new annotation(s); the next run starts after 4 more, or 600 s after the last one" in shown, shown
