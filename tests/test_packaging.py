@@ -55,7 +55,8 @@ def test_entrypoint_port_volume_user_and_healthcheck_match_the_settings():
     assert scripts["appliance"] == "appliance.cli:main"
     port = load_settings({}).port
     assert re.findall(r"^EXPOSE (.+)$", DOCKERFILE, re.M) == [str(port)]  # only the UI port
-    assert f"http://127.0.0.1:{port}/health" in DOCKERFILE
+    # The HEALTHCHECK follows APPLIANCE_PORT when a user moves the UI, and defaults to the settings' port.
+    assert f'"http://127.0.0.1:${{APPLIANCE_PORT:-{port}}}/health"' in DOCKERFILE
     assert re.search(r"^VOLUME /data$", DOCKERFILE, re.M) and "APPLIANCE_DATA_DIR=/data" in DOCKERFILE
     user = re.findall(r"^USER (\S+)$", DOCKERFILE, re.M)
     assert user and user[-1] not in ("root", "0")
