@@ -24,7 +24,7 @@ IMAGE = os.environ.get("APPLIANCE_IMAGE", "labeling-appliance")
 # Debian's podman as root on a host with a hybrid cgroup layout; the ulimits stay under this host's hard limits.
 PODMAN = ["podman", "--runtime", "runc", "--cgroup-manager=cgroupfs"]
 LIMITS = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"]
-UI_PORT = 9090  # not the default: the HEALTHCHECK and the listeners must follow APPLIANCE_PORT
+UI_PORT = 8090  # not the default (8080; 9090 and 9091 are the backends): the HEALTHCHECK must follow APPLIANCE_PORT
 STOP_TIMEOUT = 30  # seconds `stop -t` waits for a graceful exit before SIGKILL
 READY_TIMEOUT = 600
 APP_UID = 1000
