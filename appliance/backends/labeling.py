@@ -99,6 +99,36 @@ def polygon_regions(spec: LabelingSpec, mask: np.ndarray, label: str, score: flo
                     mask.shape[:2], score) for points in polygons[:1]]
 
 
+MASK_OUTPUTS = ("BrushLabels", "PolygonLabels")
+
+
+def output_controls(spec: LabelingSpec) -> list[str]:
+    """The controls a mask is written to: brush and polygon when the template has them, else a (tight) box."""
+    found = [spec.controls[tag] for tag in MASK_OUTPUTS if tag in spec.controls]
+    if not found and "RectangleLabels" in spec.controls:
+        found = [spec.controls["RectangleLabels"]]
+    if not found:
+        raise LabelingError(f"the labeling template has no <BrushLabels>, <PolygonLabels> or <RectangleLabels> for "
+                            f"<Image name={spec.image_name!r}>; add one for the masks")
+    return found
+
+
+def mask_regions(spec: LabelingSpec, mask: np.ndarray, label: str, score: float | None) -> list[dict]:
+    """One object's mask in each of the template's output kinds (``output_controls``)."""
+    regions = []
+    controls = output_controls(spec)
+    if spec.control("BrushLabels") in controls:
+        regions.append(brush_region(spec, mask, label, score))
+    if spec.control("PolygonLabels") in controls:
+        regions += polygon_regions(spec, mask, label, score)
+    if spec.control("RectangleLabels") in controls:
+        ys, xs = np.nonzero(mask)
+        if len(xs):
+            bbox = (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
+            regions.append(rectangle_region(spec, bbox, mask.shape[:2], label, score))
+    return regions
+
+
 def rectangle_region(spec: LabelingSpec, bbox: tuple[float, float, float, float], size: tuple[int, int],
                      label: str, score: float | None) -> dict | None:
     control = spec.control("RectangleLabels")

@@ -1,9 +1,10 @@
 """SAM prompts from an interactive request's context: the clicks and box of the object being drawn.
 
-Label Studio sends the smart regions of the annotation in ``params.context.result``. Only the prompts of the
-object being drawn count: the newest prompt's label, and the run of prompts with that label that ends with it
-(earlier objects, drawn with other labels, are left out, so a new object is not glued to the previous one).
-Coordinates stay in percent of the image, as Label Studio sends them.
+Label Studio sends the pending smart regions of the annotation in ``params.context.result``: every smart region
+of the newest one's type and label (``getConnectedDynamicRegions`` in its editor). Only the prompts of that label
+count: the newest prompt's label, and the run of prompts with that label that ends with it. They stay in click
+order (which object each belongs to is decided with their masks, in ``models/sam/objects.py``) and in percent of
+the image, as Label Studio sends them.
 """
 
 from __future__ import annotations
@@ -15,12 +16,17 @@ from appliance.models.sam.engine import PromptError
 PROMPT_TYPES = {"keypointlabels", "rectanglelabels"}
 
 
+@dataclass(frozen=True)
+class Prompt:
+    point: tuple[float, float] | None = None  # x, y in percent
+    positive: bool = True
+    box: tuple[float, float, float, float] | None = None  # x, y, width, height in percent
+
+
 @dataclass
 class Prompts:
     label: str
-    points: list[tuple[float, float]] = field(default_factory=list)
-    point_labels: list[int] = field(default_factory=list)
-    box: tuple[float, float, float, float] | None = None  # x, y, width, height in percent
+    items: list[Prompt] = field(default_factory=list)  # in click order
     original_size: tuple[int, int] | None = None  # (height, width) Label Studio shows
 
 
@@ -62,8 +68,9 @@ def select_prompts(context: dict) -> Prompts:
     for region in reversed(run):
         value = region.get("value") or {}
         if region["type"] == "keypointlabels":
-            prompts.points.append((_number(value, "x"), _number(value, "y")))
-            prompts.point_labels.append(0 if region.get("is_positive") is False else 1)
-        else:  # the newest box of the run wins
-            prompts.box = (_number(value, "x"), _number(value, "y"), _number(value, "width"), _number(value, "height"))
+            prompts.items.append(Prompt(point=(_number(value, "x"), _number(value, "y")),
+                                        positive=region.get("is_positive") is not False))
+        else:
+            prompts.items.append(Prompt(box=(_number(value, "x"), _number(value, "y"), _number(value, "width"),
+                                             _number(value, "height"))))
     return prompts

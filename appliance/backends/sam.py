@@ -1,7 +1,8 @@
 """Interactive Segment Anything backend: the model adapter between the protocol and the SAM engine.
 
-A click, a negative click, a box or a box with clicks becomes a BrushLabels mask (and a polygon when the template
-has PolygonLabels). Embeddings come from a byte-bounded cache keyed by image content; one encoder thread
+Clicks, negative clicks and boxes become one mask per object (``models/sam/objects.py`` decides which click
+belongs to which object, and feeds each object's previous mask back to SAM), written in the template's kinds:
+a brush and a polygon when it has them, else a tight box. Embeddings come from a byte-bounded cache keyed by image content; one encoder thread
 computes them ahead for the tasks the annotator will open next, so a click only runs the decoder.
 """
 
@@ -23,6 +24,7 @@ from appliance.backends.protocol import Backend, BadRequest, PredictRequest, Set
 from appliance.backends.url_memo import UrlMemo
 from appliance.models.sam.cache import EmbeddingCache, content_key
 from appliance.models.sam.engine import Embedding, PromptError, SamEngine
+from appliance.models.sam.objects import Click, ObjectSegmenter
 from appliance.models.sam.store import EmbeddingStore
 from appliance.settings import Settings
 
@@ -34,6 +36,7 @@ class NotReady(RuntimeError):
 
 URL_MEMO_SECONDS = 300  # how long a URL is trusted to still hold the same bytes (saves a download per click)
 URL_MEMO_ENTRIES = 4096  # URLs remembered at most (least recently used forgotten first)
+OBJECT_MEMORY_MB = 64  # each pending object's last decode (bit-packed mask + 256 KB of logits), for its next click
 
 
 class SamBackend(Backend):
@@ -50,6 +53,7 @@ class SamBackend(Backend):
         self.fetcher = ImageFetcher.from_settings(settings)
         self._url_keys = UrlMemo(URL_MEMO_ENTRIES, URL_MEMO_SECONDS)
         self.prefetcher = Prefetcher(settings, self.warm)
+        self.object_memory = EmbeddingCache(OBJECT_MEMORY_MB * 1024 * 1024)
 
     # --- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -77,7 +81,7 @@ class SamBackend(Backend):
 
     def status(self) -> dict:
         return {"error": self.load_error, "cache": self.cache.stats(), "url_memo": self._url_keys.stats(),
-                "prefetch_queue": self.prefetcher.pending(),
+                "prefetch_queue": self.prefetcher.pending(), "object_memory": self.object_memory.stats(),
                 "device": str(self.engine.device) if self.engine else None}
 
     def setup(self, req: SetupRequest) -> None:
@@ -90,18 +94,19 @@ class SamBackend(Backend):
         self.prefetcher.on_event(event, payload)
 
     # --- embeddings ----------------------------------------------------------------------------
-    def embedding(self, url: str, task_id: int | None) -> Embedding:
-        """The embedding of the image at ``url``: from the cache, or fetched, decoded and encoded once."""
+    def embedding(self, url: str, task_id: int | None) -> tuple[Embedding, str]:
+        """The embedding of the image at ``url`` and the image's content key: from the cache, or fetched, decoded
+        and encoded once."""
         engine = self._engine()
         key = self._known_key(url)
         if key is not None:
             cached = self.cache.get(key)
             if cached is not None:
-                return cached
+                return cached, key
         data = self.fetcher.fetch(url, task_id)
         key = content_key(data)
         self._url_keys.put(url, key)
-        return self.cache.get_or_compute(key, lambda: self._embed(engine, key, data))
+        return self.cache.get_or_compute(key, lambda: self._embed(engine, key, data)), key
 
     def _embed(self, engine: SamEngine, key: str, data: bytes) -> Embedding:
         """From the shared store when another process (or an earlier run) encoded this image, else encoded here
@@ -151,26 +156,32 @@ class SamBackend(Backend):
     def _segment(self, task: dict, req: PredictRequest) -> dict:
         spec = labeling.parse(req.label_config)
         prompts = select_prompts(req.context or {})
-        brush = spec.require("BrushLabels")
-        spec.check_label(brush, prompts.label)
-        embedding = self.embedding(labeling.image_url(task, spec.image_key), task.get("id"))
-        mask, score = self._decode(embedding, prompts)
+        for control in labeling.output_controls(spec):
+            spec.check_label(control, prompts.label)
         size = prompts.original_size
         if size and size[0] * size[1] > self.settings.image_max_megapixels * 1_000_000:
             raise PromptError(f"original size {size[1]}x{size[0]} is over APPLIANCE_IMAGE_MAX_MEGAPIXELS")
-        mask = _to_size(mask, size)
-        regions = [labeling.brush_region(spec, mask, prompts.label, score)]
-        regions += labeling.polygon_regions(spec, mask, prompts.label, score)
-        return {"result": regions, "score": round(score, 4), "model_version": self.model_version}
+        embedding, key = self.embedding(labeling.image_url(task, spec.image_key), task.get("id"))
+        segmenter = ObjectSegmenter(self._engine(), self.object_memory)
+        objects = segmenter.segment(embedding, key, _clicks(prompts, embedding.original_size))
+        regions = []
+        for obj in objects:
+            regions += labeling.mask_regions(spec, _to_size(obj.mask, size), prompts.label, obj.score)
+        return {"result": regions, "score": round(objects[-1].score, 4), "model_version": self.model_version}
 
-    def _decode(self, embedding: Embedding, prompts: Prompts) -> tuple[np.ndarray, float]:
-        height, width = embedding.original_size
-        points = [(x * width / 100, y * height / 100) for x, y in prompts.points]
-        box = None
-        if prompts.box is not None:
-            x, y, w, h = prompts.box
-            box = (x * width / 100, y * height / 100, (x + w) * width / 100, (y + h) * height / 100)
-        return self._engine().segment(embedding, points, prompts.point_labels, box)
+
+def _clicks(prompts: Prompts, size: tuple[int, int]) -> list[Click]:
+    """Label Studio's percentages as pixels of the image SAM encoded."""
+    height, width = size
+    clicks = []
+    for item in prompts.items:
+        if item.box is not None:
+            x, y, w, h = item.box
+            clicks.append(Click(box=(x * width / 100, y * height / 100, (x + w) * width / 100, (y + h) * height / 100)))
+        else:
+            clicks.append(Click(point=(item.point[0] * width / 100, item.point[1] * height / 100),
+                                positive=item.positive))
+    return clicks
 
 
 def _to_size(mask: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:

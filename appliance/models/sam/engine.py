@@ -43,6 +43,13 @@ class Embedding:
     nbytes: int
 
 
+@dataclass(frozen=True, eq=False)
+class Decoded:
+    mask: np.ndarray  # bool H x W of the original image
+    score: float  # SAM's predicted IoU
+    logits: torch.Tensor  # 1 x 1 x 256 x 256 low-resolution logits: the next click's mask_input
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -117,28 +124,36 @@ class SamEngine:
     # --- decoder ----------------------------------------------------------------------------
     def segment(self, embedding: Embedding, points: Sequence[Point] = (), labels: Sequence[int] = (),
                 box: Box | None = None) -> tuple[np.ndarray, float]:
-        """Decode one mask (bool HxW of the original image) and its predicted IoU for the prompts.
+        """Decode one mask (bool HxW of the original image) and its predicted IoU for the prompts."""
+        decoded = self.decode(embedding, points, labels, box)
+        return decoded.mask, decoded.score
+
+    def decode(self, embedding: Embedding, points: Sequence[Point] = (), labels: Sequence[int] = (),
+               box: Box | None = None, mask_input: torch.Tensor | None = None) -> Decoded:
+        """Decode one mask for the prompts, with its predicted IoU and low-resolution logits.
 
         Points are (x, y) pixels of the original image; labels 1 = positive, 0 = negative.
         A lone point is ambiguous, so SAM's three candidate masks are scored and the best returned;
-        with more prompts a single mask is asked for (SAM's documented practice).
+        with more prompts a single mask is asked for (SAM's documented practice). ``mask_input`` is the
+        object's previous ``Decoded.logits``: fed back on the next click, as SamPredictor's ``mask_input``.
         """
         _check_prompts(embedding.original_size, points, labels, box)
         coords, point_labels, box_t = self._prompt_tensors(embedding, points, labels, box)
-        multimask = len(points) == 1 and box is None
+        multimask = len(points) == 1 and box is None and mask_input is None
         model = self.model
         with torch.inference_mode():
             sparse, dense = model.prompt_encoder(
-                points=(coords, point_labels) if coords is not None else None, boxes=box_t, masks=None)
+                points=(coords, point_labels) if coords is not None else None, boxes=box_t,
+                masks=None if mask_input is None else mask_input.to(self.device))
             low_res, iou = model.mask_decoder(
                 image_embeddings=embedding.features, image_pe=self._dense_pe,
                 sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=multimask)
             best = int(torch.argmax(iou[0]))
+            chosen = low_res[:, best:best + 1]
             # Upscale only the chosen mask: postprocessing is a large share of the per-click cost.
-            logits = model.postprocess_masks(low_res[:, best:best + 1], embedding.input_size,
-                                             embedding.original_size)
+            logits = model.postprocess_masks(chosen, embedding.input_size, embedding.original_size)
             mask = (logits[0, 0] > model.mask_threshold).cpu().numpy()
-        return mask, float(iou[0, best])
+        return Decoded(mask, float(iou[0, best]), chosen.clone())
 
     def _prompt_tensors(self, embedding: Embedding, points: Sequence[Point], labels: Sequence[int],
                         box: Box | None) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:

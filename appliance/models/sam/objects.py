@@ -1,0 +1,144 @@
+"""The objects an annotator's clicks describe, each decoded with its previous mask (SAM's ``mask_input``).
+
+The clicks of one label arrive together and in order (Label Studio sends every pending smart keypoint of the label
+on each click). They are split into objects, one mask each:
+
+- a box starts a new object;
+- a positive click on or near an object's mask (within ``near_px``) refines that object (the newest such object);
+- a positive click elsewhere refines the newest object only when what SAM segments at that point alone touches the
+  object's mask (a missed part of it); otherwise it starts a new object, so a second object is never glued to the
+  first one;
+- a negative click refines the newest object whose mask holds it, else the newest object.
+
+Each object's decode after its first click feeds the object's previous low-resolution logits as ``mask_input``,
+as the bare SamPredictor does. Decodes are remembered by image and click sequence (bounded by bytes), so a click
+costs one decode however many objects are pending; a miss (another worker process) recomputes the same result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from .cache import EmbeddingCache
+from .engine import Box, Decoded, Embedding, Point, PromptError, SamEngine
+
+NEAR_FRACTION = 0.01  # "near a mask": within 1% of the image's longer side
+
+
+@dataclass(frozen=True)
+class Click:
+    """One prompt in pixels of the original image: a point (positive or negative) or a box."""
+
+    point: Point | None = None
+    positive: bool = True
+    box: Box | None = None
+
+    def key(self) -> str:
+        if self.box is not None:
+            return "b" + ",".join(f"{v:.1f}" for v in self.box)
+        return ("p" if self.positive else "n") + ",".join(f"{v:.1f}" for v in self.point)
+
+
+@dataclass(frozen=True, eq=False)
+class Remembered:
+    """A decode kept between requests: the mask bit-packed, so a 12-megapixel image costs 1.5 MB."""
+
+    packed: np.ndarray
+    shape: tuple[int, int]
+    score: float
+    logits: object  # torch.Tensor, 1 x 1 x 256 x 256
+    nbytes: int
+
+    @classmethod
+    def of(cls, decoded: Decoded) -> Remembered:
+        packed = np.packbits(decoded.mask)
+        return cls(packed, decoded.mask.shape, decoded.score, decoded.logits,
+                   packed.nbytes + decoded.logits.element_size() * decoded.logits.nelement())
+
+    def mask(self) -> np.ndarray:
+        size = self.shape[0] * self.shape[1]
+        return np.unpackbits(self.packed, count=size).reshape(self.shape).astype(bool)
+
+
+@dataclass
+class SegmentedObject:
+    clicks: tuple[Click, ...]
+    mask: np.ndarray
+    score: float
+    logits: object
+
+
+class ObjectSegmenter:
+    def __init__(self, engine: SamEngine, memory: EmbeddingCache) -> None:
+        self.engine = engine
+        self.memory = memory
+
+    def segment(self, embedding: Embedding, image_key: str, clicks: list[Click]) -> list[SegmentedObject]:
+        """The objects ``clicks`` describe, in the order their first click came."""
+        if not clicks:
+            raise PromptError("no prompt: give at least one point or a box")
+        objects: list[SegmentedObject] = []
+        near = max(2, round(NEAR_FRACTION * max(embedding.original_size)))
+        for click in clicks:
+            target = self._target(embedding, image_key, objects, click, near)
+            if target is None:
+                if not click.positive:
+                    raise PromptError("only negative points: add a positive point or a box")
+                objects.append(self._decode(embedding, image_key, (click,), None))
+            else:
+                index = objects.index(target)
+                objects[index] = self._decode(embedding, image_key, target.clicks + (click,), target)
+        return objects
+
+    def _target(self, embedding: Embedding, image_key: str, objects: list[SegmentedObject], click: Click,
+                near: int) -> SegmentedObject | None:
+        if click.box is not None or not objects:
+            return None
+        for obj in reversed(objects):
+            if _near(obj.mask, click.point, near):
+                return obj
+        if not click.positive:
+            return objects[-1]
+        alone = self._decode(embedding, image_key, (click,), None)  # remembered: it is the new object if it is one
+        for obj in reversed(objects):
+            if _touches(alone.mask, obj.mask, near):
+                return obj
+        return None
+
+    def _decode(self, embedding: Embedding, image_key: str, clicks: tuple[Click, ...],
+                previous: SegmentedObject | None) -> SegmentedObject:
+        key = image_key + ":" + hashlib.blake2b("|".join(c.key() for c in clicks).encode(), digest_size=16).hexdigest()
+
+        def compute() -> Remembered:
+            points = [c.point for c in clicks if c.point is not None]
+            labels = [1 if c.positive else 0 for c in clicks if c.point is not None]
+            boxes = [c.box for c in clicks if c.box is not None]
+            mask_input = previous.logits if previous is not None else None
+            return Remembered.of(self.engine.decode(embedding, points, labels, boxes[-1] if boxes else None,
+                                                    mask_input))
+
+        remembered = self.memory.get_or_compute(key, compute)
+        return SegmentedObject(clicks, remembered.mask(), remembered.score, remembered.logits)
+
+
+def _near(mask: np.ndarray, point: Point, radius: int) -> bool:
+    height, width = mask.shape
+    x, y = int(round(point[0])), int(round(point[1]))
+    window = mask[max(0, y - radius):min(height, y + radius + 1), max(0, x - radius):min(width, x + radius + 1)]
+    return bool(window.any())
+
+
+def _touches(mask: np.ndarray, other: np.ndarray, radius: int) -> bool:
+    """Whether ``mask`` grown by ``radius`` overlaps ``other`` (worked on ``mask``'s bounding box only)."""
+    ys, xs = np.nonzero(mask)
+    if not len(ys):
+        return False
+    y0, y1 = max(0, ys.min() - radius), min(mask.shape[0], ys.max() + radius + 1)
+    x0, x1 = max(0, xs.min() - radius), min(mask.shape[1], xs.max() + radius + 1)
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+    grown = cv2.dilate(mask[y0:y1, x0:x1].astype(np.uint8), kernel).astype(bool)
+    return bool(np.logical_and(grown, other[y0:y1, x0:x1]).any())

@@ -1,0 +1,175 @@
+"""Clicks become objects: one mask per object, refinement equal to the bare SamPredictor, every template kind.
+
+Real MobileSAM weights on skimage's astronaut photo; the backend is the real Flask app (no Label Studio needed
+to send it a template).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pytest
+import skimage.data
+from label_studio_sdk.converter.brush import decode_rle
+from PIL import Image
+
+from appliance.models.sam.cache import EmbeddingCache
+from appliance.models.sam.engine import PromptError, SamEngine
+from appliance.models.sam.objects import Click, ObjectSegmenter
+from appliance.models.sam.weights import mobile_sam_path
+from test_fuzz import make_settings, wait_ready
+
+FACE, HAIR, NECK, HELMET = (225, 130), (225, 50), (225, 215), (390, 420)  # astronaut, 512 x 512
+
+
+@pytest.fixture(scope="module")
+def astronaut() -> np.ndarray:
+    return skimage.data.astronaut()
+
+
+@pytest.fixture(scope="module")
+def engine() -> SamEngine:
+    return SamEngine(device="cpu")
+
+
+@pytest.fixture(scope="module")
+def embedding(engine, astronaut):
+    return engine.embed(astronaut)
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.logical_and(a, b).sum() / max(1, np.logical_or(a, b).sum()))
+
+
+def test_refinement_feeds_the_previous_mask_like_the_bare_predictor(engine, embedding, astronaut):
+    from mobile_sam import SamPredictor, sam_model_registry
+
+    model = sam_model_registry["vit_t"](checkpoint=str(mobile_sam_path())).eval()
+    predictor = SamPredictor(model)
+    predictor.set_image(astronaut)
+    masks, scores, logits = predictor.predict(np.array([FACE]), np.array([1]), multimask_output=True)
+    best = int(np.argmax(scores))
+    bare = [masks[best]]
+    clicks = [(FACE, 1), (HAIR, 1), (NECK, 0)]
+    for n in (2, 3):
+        points = np.array([c for c, _ in clicks[:n]])
+        labels = np.array([label for _, label in clicks[:n]])
+        masks, scores, logits = predictor.predict(points, labels, mask_input=logits[best][None],
+                                                  multimask_output=False)
+        best = 0
+        bare.append(masks[0])
+
+    segmenter = ObjectSegmenter(engine, EmbeddingCache(64 << 20))
+    ours = [segmenter.segment(embedding, "astronaut", [Click(p, bool(label)) for p, label in clicks[:n]])
+            for n in (1, 2, 3)]
+    assert [len(objects) for objects in ours] == [1, 1, 1]  # hair touches the face, the neck click is negative
+    for mine, theirs in zip(ours, bare):
+        assert iou(mine[0].mask, theirs) > 0.995
+    assert not ours[2][0].mask[NECK[1], NECK[0]]
+    # Without the previous mask, the same three clicks give a different (the old, worse-refining) answer.
+    plain, _ = engine.segment(embedding, [FACE, HAIR, NECK], [1, 1, 0])
+    assert iou(plain, bare[2]) < iou(ours[2][0].mask, bare[2])
+
+
+def test_a_click_on_another_object_starts_a_second_mask(engine, embedding):
+    memory = EmbeddingCache(64 << 20)
+    segmenter = ObjectSegmenter(engine, memory)
+    first = segmenter.segment(embedding, "astronaut", [Click(FACE)])
+    both = segmenter.segment(embedding, "astronaut", [Click(FACE), Click(HELMET)])
+    assert len(both) == 2
+    assert np.array_equal(both[0].mask, first[0].mask)  # the first object's mask is unchanged
+    helmet, _ = engine.segment(embedding, [HELMET], [1])
+    assert np.array_equal(both[1].mask, helmet)
+    assert iou(both[0].mask, both[1].mask) == 0
+    # A negative click inside the face refines the face, not the helmet.
+    third = segmenter.segment(embedding, "astronaut", [Click(FACE), Click(HELMET), Click((225, 100), False)])
+    assert len(third) == 2 and np.array_equal(third[1].mask, helmet)
+    assert not np.array_equal(third[0].mask, first[0].mask)
+    # Each request decodes only its newest click: the earlier ones are remembered.
+    misses = memory.stats()["misses"]
+    segmenter.segment(embedding, "astronaut", [Click(FACE), Click(HELMET), Click((225, 100), False)])
+    assert memory.stats()["misses"] == misses
+
+
+def test_object_memory_is_bounded_and_a_lone_negative_click_is_refused(engine, embedding):
+    memory = EmbeddingCache(600 * 1024)  # room for two decodes (256 KB of logits each + the packed mask)
+    segmenter = ObjectSegmenter(engine, memory)
+    for x in range(100, 400, 50):
+        segmenter.segment(embedding, "astronaut", [Click((x, 300))])
+    assert len(memory) == 2 and memory.stats()["bytes"] <= 600 * 1024
+    with pytest.raises(PromptError, match="only negative"):
+        segmenter.segment(embedding, "astronaut", [Click(FACE, positive=False)])
+
+
+# --- the backend, for each template kind -------------------------------------------------------------------
+def _data_uri(image: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+SMART = '<KeyPointLabels name="point" toName="image" smart="true"><Label value="Person" smart="true"/></KeyPointLabels>'
+TEMPLATES = {
+    "box-only": '<View><Image name="image" value="$image"/><RectangleLabels name="face" toName="image">'
+                '<Label value="Person"/></RectangleLabels>' + SMART + '</View>',
+    "polygon-only": '<View><Image name="image" value="$image"/><PolygonLabels name="outline" toName="image">'
+                    '<Label value="Person"/></PolygonLabels>' + SMART + '</View>',
+    "brush+polygon": '<View><Image name="image" value="$image"/><BrushLabels name="mask" toName="image">'
+                     '<Label value="Person"/></BrushLabels><PolygonLabels name="outline" toName="image">'
+                     '<Label value="Person"/></PolygonLabels>' + SMART + '</View>',
+    "smart box only": '<View><Image name="image" value="$image"/><RectangleLabels name="face" toName="image" '
+                      'smart="true"><Label value="Person"/></RectangleLabels></View>',
+}
+
+
+@pytest.fixture(scope="module")
+def sam(tmp_path_factory):
+    from appliance.backends.protocol import create_app
+    from appliance.backends.sam import SamBackend
+
+    client = create_app(SamBackend(make_settings(tmp_path_factory.mktemp("sam-kinds")))).test_client()
+    wait_ready(client)
+    return client
+
+
+def keypoint(point, positive=True) -> dict:
+    return {"type": "keypointlabels", "from_name": "point", "to_name": "image", "original_width": 512,
+            "original_height": 512, "is_positive": positive,
+            "value": {"x": point[0] / 5.12, "y": point[1] / 5.12, "keypointlabels": ["Person"]}}
+
+
+def ask(client, template: str, regions: list[dict], image: str) -> dict:
+    body = {"tasks": [{"id": 1, "data": {"image": image}}], "label_config": template, "project": "1.1",
+            "params": {"context": {"result": regions}}}
+    response = client.post("/predict", json=body)
+    assert response.status_code == 200, response.data
+    return response.get_json()["results"][0]
+
+
+def test_every_template_kind_gets_the_mask_in_its_own_kind(sam, astronaut, embedding, engine):
+    image = _data_uri(astronaut)
+    face, _ = engine.segment(embedding, [FACE], [1])
+    ys, xs = np.nonzero(face)
+
+    boxes = ask(sam, TEMPLATES["box-only"], [keypoint(FACE)], image)["result"]
+    assert [r["type"] for r in boxes] == ["rectanglelabels"] and boxes[0]["from_name"] == "face"
+    value = boxes[0]["value"]  # a click gives the tight box of SAM's mask
+    assert value["x"] == pytest.approx(xs.min() / 5.12) and value["width"] == pytest.approx((xs.max() + 1 - xs.min()) / 5.12)
+    assert value["y"] == pytest.approx(ys.min() / 5.12) and value["rectanglelabels"] == ["Person"]
+
+    polygons = ask(sam, TEMPLATES["polygon-only"], [keypoint(FACE)], image)["result"]
+    assert [r["type"] for r in polygons] == ["polygonlabels"] and len(polygons[0]["value"]["points"]) >= 3
+
+    both = ask(sam, TEMPLATES["brush+polygon"], [keypoint(FACE), keypoint(HELMET)], image)["result"]
+    assert [r["type"] for r in both] == ["brushlabels", "polygonlabels"] * 2  # two objects, each in both kinds
+    masks = [decode_rle(r["value"]["rle"]).reshape(512, 512, 4)[:, :, 3] >= 128 for r in both[::2]]
+    assert masks[0][FACE[1], FACE[0]] and masks[1][HELMET[1], HELMET[0]] and not (masks[0] & masks[1]).any()
+
+    drawn = {"type": "rectanglelabels", "from_name": "face", "to_name": "image", "original_width": 512,
+             "original_height": 512, "value": {"x": 150 / 5.12, "y": 50 / 5.12, "width": 150 / 5.12,
+                                               "height": 160 / 5.12, "rectanglelabels": ["Person"]}}
+    tight = ask(sam, TEMPLATES["smart box only"], [drawn], image)["result"]
+    assert [r["type"] for r in tight] == ["rectanglelabels"]
+    assert tight[0]["value"]["width"] < drawn["value"]["width"]  # the loose box drawn around the face is tightened
