@@ -100,6 +100,7 @@ def predict_all(settings: Settings, batch: int | None = None, show_progress: boo
         for start in range(0, len(pending), batch):
             chunk = pending[start:start + batch]
             results = backend.predict([{"id": t["id"], "data": t["data"]} for t in chunk], label_config, project_id)
+            results = [r if isinstance(r, dict) else {"error": "no model to predict with"} for r in results]
             ready = [(t["id"], r) for t, r in zip(chunk, results) if "result" in r]
             summary.failed += [r.get("error", f"task {t['id']}: no result") for t, r in zip(chunk, results)
                                if "result" not in r]

@@ -42,6 +42,10 @@ class Studio:
         return self._check(self.session.post(f"{self.base}{path}", timeout=kwargs.pop("timeout", self.timeout),
                                              **kwargs), what).json()
 
+    def patch(self, path: str, what: str, **kwargs) -> Any:
+        return self._check(self.session.patch(f"{self.base}{path}", timeout=kwargs.pop("timeout", self.timeout),
+                                              **kwargs), what).json()
+
     def project(self, project_id: int, timeout: float | None = None) -> dict:
         return self.get(f"/api/projects/{project_id}", "reading the project", timeout=timeout or self.timeout)
 

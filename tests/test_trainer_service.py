@@ -89,6 +89,15 @@ def test_submitted_annotations_become_a_serving_model_that_finds_the_objects(app
         assert time.time() < deadline, "the prediction backend did not swap to the new version"
         time.sleep(1)
 
+    # The project's instructions (Label Studio's "Instructions" button) show what serves, with its held-out figures.
+    pid = appliance.state()["project_id"]
+    while f"Serving model {version}" not in (appliance.api("GET", f"/api/projects/{pid}").json()
+                                            .get("expert_instruction") or ""):
+        assert time.time() < deadline, "the instructions never named the serving model"
+        time.sleep(1)
+    instructions = appliance.api("GET", f"/api/projects/{pid}").json()["expert_instruction"]
+    assert f"mask AP50 {last['candidate']['segm_AP50']:.2f}" in instructions and "How to label" in instructions
+
     # The tasks the trainer held out (its rule, see dataset.choose_holdout): the model never trained on them.
     holdout = set(trainer_status(appliance)["dataset"]["holdout_ids"])
     held_out = [(n, t) for n, t in tasks.items() if t["id"] in holdout]

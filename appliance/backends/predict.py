@@ -101,7 +101,9 @@ class PredictBackend(Backend):
     def predict(self, req: PredictRequest) -> list[dict]:
         serving = self.slot.get()  # the whole request uses this model, even if a swap happens meanwhile
         if serving is None:
-            return []
+            # One empty list per task: "no prediction" that Label Studio accepts silently (an empty "results"
+            # makes it log an ERROR for every task opened; label_studio/ml/models.py).
+            return [[] for _ in req.tasks]
         config = req.label_config or self.schema
         if not config:
             return [{"error": "no labeling config in the request"} for _ in req.tasks]

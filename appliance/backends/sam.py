@@ -137,7 +137,7 @@ class SamBackend(Backend):
     # --- predict -------------------------------------------------------------------------------
     def predict(self, req: PredictRequest) -> list[dict]:
         if not req.interactive:
-            return []  # SAM answers prompts; pre-annotations come from the prediction backend
+            return [[] for _ in req.tasks]  # SAM answers prompts; pre-annotations come from the prediction backend
         if not req.label_config:
             raise BadRequest("'label_config' is required for an interactive request")
         task = req.tasks[0] if req.tasks else None

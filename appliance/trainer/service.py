@@ -85,8 +85,11 @@ class Trainer:
 
     # --- the loop ------------------------------------------------------------------------------
     def serve(self, stop: threading.Event | None = None) -> None:
+        from appliance.trainer.instructions import InstructionsWriter
+
         stop = stop or threading.Event()
         self.watcher.start()
+        InstructionsWriter(self.settings, self.status.read, self.registry).start(stop)
         since = self.status.read().get("last_run_started", 0.0)
         self.watcher.seed(*journal.changed_since(self.settings.journal_dir, since))
         log.info("watching %s (run after %d annotation(s) or %d s quiet)", self.settings.journal_dir,

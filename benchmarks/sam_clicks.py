@@ -1,0 +1,238 @@
+"""The simulated annotator: the bare SamPredictor and the appliance (through Label Studio) on real nuclei, one run.
+
+The standard protocol of interactive segmentation benchmarks: the first click at the object's most interior point
+(the maximum of the distance transform of its true mask), each next click at the most interior point of the largest
+error region (positive when the model missed it, negative when the model added it), up to --max-clicks.
+
+    bare       mobile_sam's SamPredictor in this process: the first click with multimask_output (best score kept),
+               each next one with the previous low-resolution logits as mask_input (SAM's own protocol)
+    appliance  `appliance up` on a fresh volume with the images in its images folder; each click is POSTed to Label
+               Studio's /api/ml/{id}/interactive-annotating with all the object's clicks so far, as the editor
+               does; the object is the first mask returned (a second one means the backend split the object)
+
+Prints mIoU after 1 click, NoC@85 and NoC@90 (clicks to reach the IoU, --max-clicks when never) and click latency
+p50/p95 (the appliance's through Label Studio, with the embedding cached: one unmeasured click per image first).
+
+    OMP_WAIT_POLICY=PASSIVE .venv/app/bin/python benchmarks/sam_clicks.py [--images 6] [--objects 12]
+        [--max-clicks 10] [--threads 2] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT))
+from harness import Appliance, appliance_env  # noqa: E402
+from learning_curve_api import DATA, tasks_by_file, truth  # noqa: E402
+
+TEMPLATE = ('<View><Image name="image" value="$image" zoom="true"/>'
+            '<BrushLabels name="mask" toName="image"><Label value="Nucleus"/></BrushLabels>'
+            '<KeyPointLabels name="point" toName="image" smart="true"><Label value="Nucleus" smart="true"/>'
+            '</KeyPointLabels></View>')
+
+
+# --- the simulated annotator ----------------------------------------------------------------------
+def interior(region: np.ndarray) -> tuple[tuple[int, int], float]:
+    """The point of ``region`` farthest from its border, and that distance."""
+    padded = np.pad(region.astype(np.uint8), 1)
+    distance = cv2.distanceTransform(padded, cv2.DIST_L2, 5)[1:-1, 1:-1]
+    y, x = np.unravel_index(int(np.argmax(distance)), distance.shape)
+    return (int(x), int(y)), float(distance[y, x])
+
+
+def next_click(truth_mask: np.ndarray, predicted: np.ndarray) -> tuple[tuple[int, int], bool]:
+    """The centre of the larger error: missed (positive click) or added (negative click)."""
+    missed, missed_depth = interior(truth_mask & ~predicted)
+    added, added_depth = interior(predicted & ~truth_mask)
+    return (missed, True) if missed_depth >= added_depth else (added, False)
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / max(1, (a | b).sum()))
+
+
+def annotate(segment, truth_mask: np.ndarray, max_clicks: int) -> tuple[list[float], list[float]]:
+    """IoU after each click and the seconds each click took; ``segment(clicks) -> mask``."""
+    clicks = [(interior(truth_mask)[0], True)]
+    ious, seconds = [], []
+    while True:
+        began = time.perf_counter()
+        mask = segment(clicks)
+        seconds.append(time.perf_counter() - began)
+        ious.append(iou(mask, truth_mask))
+        if len(clicks) == max_clicks or ious[-1] > 0.99:
+            ious += [ious[-1]] * (max_clicks - len(ious))
+            return ious, seconds
+        clicks.append(next_click(truth_mask, mask))
+
+
+# --- the two systems ------------------------------------------------------------------------------
+class Bare:
+    def __init__(self) -> None:
+        from mobile_sam import SamPredictor, sam_model_registry
+
+        from appliance.models.sam.weights import mobile_sam_path
+
+        self.predictor = SamPredictor(sam_model_registry["vit_t"](checkpoint=str(mobile_sam_path())).eval())
+
+    def image(self, rgb: np.ndarray) -> None:
+        self.predictor.set_image(rgb)
+        self.logits = None
+
+    def segment(self, clicks) -> np.ndarray:
+        points = np.array([p for p, _ in clicks], dtype=np.float32)
+        labels = np.array([int(positive) for _, positive in clicks])
+        first = len(clicks) == 1
+        masks, scores, logits = self.predictor.predict(
+            points, labels, mask_input=None if first else self.logits, multimask_output=first)
+        best = int(np.argmax(scores))
+        self.logits = logits[best][None]
+        return masks[best]
+
+
+class ThroughStudio:
+    def __init__(self, app: Appliance, task: dict, size: tuple[int, int]) -> None:
+        self.app, self.task, (self.height, self.width) = app, task, size
+        self.backend = app.state()["ml_backends"]["sam"]
+        self.splits = 0
+
+    def segment(self, clicks) -> np.ndarray:
+        from label_studio_sdk.converter.brush import decode_rle
+
+        regions = [{"type": "keypointlabels", "from_name": "point", "to_name": "image", "image_rotation": 0,
+                    "original_width": self.width, "original_height": self.height, "is_positive": positive,
+                    "value": {"x": x * 100 / self.width, "y": y * 100 / self.height, "width": 0.5,
+                              "keypointlabels": ["Nucleus"]}} for (x, y), positive in clicks]
+        response = self.app.api("POST", f"/api/ml/{self.backend}/interactive-annotating",
+                                json={"task": self.task["id"], "context": {"result": regions}})
+        response.raise_for_status()
+        data = response.json()["data"]
+        masks = [r for r in data.get("result", []) if r["type"] == "brushlabels"]
+        if not masks:
+            raise RuntimeError(f"no mask: {data.get('error')}")
+        self.splits += len(masks) > 1
+        return decode_rle(masks[0]["value"]["rle"]).reshape(self.height, self.width, 4)[:, :, 3] >= 128
+
+
+# --- the run --------------------------------------------------------------------------------------
+def pick(images, masks, n_images: int, n_objects: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    chosen = [images[i] for i in np.linspace(0, len(images) - 1, n_images).round().astype(int)]
+    picked = {}
+    for info in chosen:
+        objects = [m for m in masks[info["file_name"]] if m.sum() >= 20]
+        order = rng.permutation(len(objects))[:n_objects]
+        picked[info["file_name"]] = [objects[i] for i in order]
+    return picked
+
+
+def summary(rows: list[tuple[list[float], list[float]]], max_clicks: int) -> dict:
+    def noc(ious, goal):
+        return next((i + 1 for i, v in enumerate(ious) if v >= goal), max_clicks)
+
+    latencies = np.array([s for _, seconds in rows for s in seconds]) * 1000
+    return {"objects": len(rows), "mIoU@1": float(np.mean([ious[0] for ious, _ in rows])),
+            "mIoU@3": float(np.mean([ious[2] for ious, _ in rows])),
+            "NoC@85": float(np.mean([noc(ious, 0.85) for ious, _ in rows])),
+            "NoC@90": float(np.mean([noc(ious, 0.90) for ious, _ in rows])),
+            "p50_ms": float(np.percentile(latencies, 50)), "p95_ms": float(np.percentile(latencies, 95)),
+            "clicks": int(latencies.size)}
+
+
+def run(args) -> dict:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    images, masks = truth()
+    picked = pick(images, masks, args.images, args.objects)
+    bare, bare_rows = Bare(), []
+    for name, objects in picked.items():
+        rgb = cv2.cvtColor(cv2.imread(str(DATA / "images" / name)), cv2.COLOR_BGR2RGB)
+        bare.image(rgb)
+        bare_rows += [annotate(bare.segment, m, args.max_clicks) for m in objects]
+
+    workdir = Path(tempfile.mkdtemp(prefix="sam-clicks-"))
+    env = appliance_env(workdir, APPLIANCE_LABEL_CONFIG=TEMPLATE, APPLIANCE_SAMPLE_IMAGES="false",
+                        APPLIANCE_TRAIN_MIN_NEW="100000", APPLIANCE_TRAIN_QUIET_SECONDS="604800",
+                        APPLIANCE_TORCH_THREADS=str(args.threads))
+    folder = workdir / "images" / "nuclei"
+    folder.mkdir(parents=True)
+    for name in picked:
+        shutil.copy(DATA / "images" / name, folder / name)
+    app = Appliance(env=env, log_path=workdir / "appliance.log")
+    app.start()
+    studio_rows, splits = [], 0
+    try:
+        app.api("POST", f"/api/storages/localfiles/{app.state()['local_storage_id']}/sync").raise_for_status()
+        tasks = tasks_by_file(app, len(picked))
+        for name, objects in picked.items():
+            size = objects[0].shape
+            studio = ThroughStudio(app, tasks[name], size)
+            _wait_ready(studio, objects[0])
+            studio_rows += [annotate(studio.segment, m, args.max_clicks) for m in objects]
+            splits += studio.splits
+    finally:
+        app.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    return {"bare": summary(bare_rows, args.max_clicks), "appliance": summary(studio_rows, args.max_clicks),
+            "splits": splits, "images": list(picked), "max_clicks": args.max_clicks}
+
+
+def _wait_ready(studio: ThroughStudio, mask: np.ndarray, timeout: float = 300) -> None:
+    """One unmeasured click: waits for SAM to load and caches this image's embedding."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            studio.segment([(interior(mask)[0], True)])
+            return
+        except RuntimeError:
+            if time.time() > deadline:
+                raise
+            time.sleep(2)
+
+
+def table(result: dict) -> str:
+    bare, ours = result["bare"], result["appliance"]
+    lines = [f"{bare['objects']} nuclei on {len(result['images'])} images, up to {result['max_clicks']} clicks; "
+             f"objects the appliance split in two: {result['splits']}", "",
+             "| system | mIoU@1 | mIoU@3 | NoC@85 | NoC@90 | click p50 ms | click p95 ms |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, row in (("bare SamPredictor", bare), ("appliance via Label Studio", ours)):
+        lines.append(f"| {name} | {row['mIoU@1']:.3f} | {row['mIoU@3']:.3f} | {row['NoC@85']:.2f} | "
+                     f"{row['NoC@90']:.2f} | {row['p50_ms']:.0f} | {row['p95_ms']:.0f} |")
+    lines.append("| appliance / bare | " + " | ".join(
+        f"{ours[k] / bare[k]:.3f}" if bare[k] else "-" for k in ("mIoU@1", "mIoU@3", "NoC@85", "NoC@90")) + " | | |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=6)
+    parser.add_argument("--objects", type=int, default=12, help="nuclei per image (a seeded random sample)")
+    parser.add_argument("--max-clicks", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    result = run(args)
+    print(table(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
