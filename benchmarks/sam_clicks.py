@@ -6,6 +6,7 @@ error region (positive when the model missed it, negative when the model added i
 
     bare       mobile_sam's SamPredictor in this process: the first click with multimask_output (best score kept),
                each next one with the previous low-resolution logits as mask_input (SAM's own protocol)
+    previous   the appliance's decoder before it kept each object's mask: all clicks, no mask_input (in-process)
     appliance  `appliance up` on a fresh volume with the images in its images folder; each click is POSTed to Label
                Studio's /api/ml/{id}/interactive-annotating with all the object's clicks so far, as the editor
                does; the object is the first mask returned (a second one means the backend split the object)
@@ -105,6 +106,21 @@ class Bare:
         return masks[best]
 
 
+class Previous:
+    """What the SAM backend did before: every request decoded all the object's clicks without its previous mask."""
+
+    def __init__(self) -> None:
+        from appliance.models.sam.engine import SamEngine
+
+        self.engine = SamEngine(device="cpu")
+
+    def image(self, rgb: np.ndarray) -> None:
+        self.embedding = self.engine.embed(rgb)
+
+    def segment(self, clicks) -> np.ndarray:
+        return self.engine.segment(self.embedding, [p for p, _ in clicks], [int(pos) for _, pos in clicks])[0]
+
+
 class ThroughStudio:
     def __init__(self, app: Appliance, task: dict, size: tuple[int, int]) -> None:
         self.app, self.task, (self.height, self.width) = app, task, size
@@ -160,11 +176,13 @@ def run(args) -> dict:
     torch.set_num_threads(args.threads)
     images, masks = truth()
     picked = pick(images, masks, args.images, args.objects)
-    bare, bare_rows = Bare(), []
+    bare, bare_rows, previous, previous_rows = Bare(), [], Previous(), []
     for name, objects in picked.items():
         rgb = cv2.cvtColor(cv2.imread(str(DATA / "images" / name)), cv2.COLOR_BGR2RGB)
         bare.image(rgb)
         bare_rows += [annotate(bare.segment, m, args.max_clicks) for m in objects]
+        previous.image(rgb)
+        previous_rows += [annotate(previous.segment, m, args.max_clicks) for m in objects]
 
     workdir = Path(tempfile.mkdtemp(prefix="sam-clicks-"))
     env = appliance_env(workdir, APPLIANCE_LABEL_CONFIG=TEMPLATE, APPLIANCE_SAMPLE_IMAGES="false",
@@ -189,7 +207,8 @@ def run(args) -> dict:
     finally:
         app.stop()
         shutil.rmtree(workdir, ignore_errors=True)
-    return {"bare": summary(bare_rows, args.max_clicks), "appliance": summary(studio_rows, args.max_clicks),
+    return {"bare": summary(bare_rows, args.max_clicks), "previous": summary(previous_rows, args.max_clicks),
+            "appliance": summary(studio_rows, args.max_clicks),
             "splits": splits, "images": list(picked), "max_clicks": args.max_clicks}
 
 
@@ -212,7 +231,8 @@ def table(result: dict) -> str:
              f"objects the appliance split in two: {result['splits']}", "",
              "| system | mIoU@1 | mIoU@3 | NoC@85 | NoC@90 | click p50 ms | click p95 ms |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
-    for name, row in (("bare SamPredictor", bare), ("appliance via Label Studio", ours)):
+    for name, row in (("bare SamPredictor", bare), ("previous appliance decoder (no mask_input, in-process)",
+                                                     result["previous"]), ("appliance via Label Studio", ours)):
         lines.append(f"| {name} | {row['mIoU@1']:.3f} | {row['mIoU@3']:.3f} | {row['NoC@85']:.2f} | "
                      f"{row['NoC@90']:.2f} | {row['p50_ms']:.0f} | {row['p95_ms']:.0f} |")
     lines.append("| appliance / bare | " + " | ".join(

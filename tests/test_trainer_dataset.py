@@ -155,6 +155,19 @@ def test_prompt_rectangle_of_a_brush_object_is_dropped():
     ]
 
 
+def test_one_objects_brush_and_polygon_from_sam_are_one_training_object():
+    from appliance.models.sam.masks import mask_to_polygons
+
+    mask = disk_mask(30, 30, 14)
+    outline = {"type": "polygonlabels", "from_name": "outline", "to_name": "image",
+               "value": {"points": mask_to_polygons(mask)[0], "polygonlabels": ["Animal"]}}
+    other = polygon([(60, 10), (75, 10), (75, 25)], "Animal")  # a second object drawn as a polygon only
+    cat = dict(outline, value={**outline["value"], "polygonlabels": ["Vehicle"]})  # same outline, other label
+    objects = objects_of([brush(mask, "Animal"), outline, other, cat])
+    assert [o["label"] for o in objects] == ["Animal", "Animal", "Vehicle"]
+    assert np.array_equal(objects[0]["mask"], mask)  # the brush (pixel-exact) is the one kept
+
+
 def test_unknown_labels_keypoints_and_empty_regions_are_ignored():
     mask = disk_mask(20, 20, 8)
     objects = objects_of([

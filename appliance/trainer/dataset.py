@@ -16,6 +16,10 @@ Prompt rule: in the default template a SAM-made object carries a brush region an
 a box (or accepted a prediction, which also ships the detector's box), a RectangleLabels region covering the same
 object. A rectangle whose box overlaps the bbox of a mask object (brush or polygon) of the same label with
 IoU > PROMPT_IOU is that prompt, not a second object, and is dropped.
+
+Same-object rule: with brush and polygon in one template, SAM writes each object both ways. A polygon whose mask
+overlaps a brush mask of the same label with IoU > SAME_OBJECT_IOU is that object again and is dropped (the brush
+is pixel-exact; the polygon is its outline).
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ Split = Literal["train", "holdout"]
 Fetch = Callable[[str, int], bytes]
 
 PROMPT_IOU = 0.5
+SAME_OBJECT_IOU = 0.7
 DEFAULT_MAX_PIXELS = 100_000_000  # Settings.image_max_megapixels' default
 _MASK_TYPES = ("brushlabels", "polygonlabels")
 _REGION_TYPES = ("brushlabels", "polygonlabels", "rectanglelabels")
@@ -141,10 +146,22 @@ def annotation_objects(annotation: dict, width: int, height: int, labels: list[s
         obj = _region_object(kind, value, region, width, height)
         if obj is None:
             continue
-        obj["label"] = label
+        obj["label"], obj["kind"] = label, kind
         (masks if kind in _MASK_TYPES else boxes).append(obj)
+    masks = _one_per_object(masks)
     boxes = [box for box in boxes if not _is_prompt(box, masks)]
     return masks + boxes
+
+
+def _one_per_object(masks: list[dict]) -> list[dict]:
+    brushes = [m for m in masks if m["kind"] == "brushlabels"]
+    return [m for m in masks if m["kind"] == "brushlabels" or not any(
+        b["label"] == m["label"] and _mask_iou(b["mask"], m["mask"]) > SAME_OBJECT_IOU for b in brushes)]
+
+
+def _mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 0.0
 
 
 def _region_object(kind: str, value: dict, region: dict, width: int, height: int) -> dict | None:
