@@ -1,7 +1,8 @@
 """The labeling template: a user's file or string, or the default built from the label list.
 
-Default: BrushLabels ``mask`` holds the output masks (SAM's and the detector's); smart KeyPointLabels ``point``
-and smart RectangleLabels ``box`` carry SAM prompts and the detector's boxes; a Header per metadata field.
+Default: the image on the left and, beside it, the smart-only KeyPointLabels ``point`` (a click; keys 1-9) and
+RectangleLabels ``box`` (a box; shift+1-9) that carry SAM prompts (and the detector's boxes), then BrushLabels
+``mask`` (alt+1-9), which holds the output masks (SAM's and the detector's); a Header per metadata field.
 """
 
 from __future__ import annotations
@@ -22,15 +23,21 @@ class TemplateError(ValueError):
 
 def default_template(labels: list[str], metadata_fields: list[str]) -> str:
     raw = (files("appliance") / "templates" / "default.xml").read_text()
-    raw = "\n".join(line for line in raw.splitlines() if "<!--" not in line)
+    raw = "\n".join(line for line in raw.splitlines() if "<!--" not in line and "-->" not in line)
     colors = [PALETTE[i % len(PALETTE)] for i in range(len(labels))]
-    label_lines = "\n".join(f'    <Label value={quoteattr(x)} background="{c}"/>' for x, c in zip(labels, colors))
-    smart_lines = "\n".join(
-        f'    <Label value={quoteattr(x)} smart="true" background="{c}" showInline="true"/>'
-        for x, c in zip(labels, colors)
-    )
+
+    def lines(prefix: str, smart: bool) -> str:
+        out = []
+        for i, (label, color) in enumerate(zip(labels, colors)):
+            # One key per label and tool; Label Studio invents keys (5-8, 9/0/q/w, ...) for labels without one.
+            hotkey = f' hotkey="{prefix}{i + 1}"' if i < 9 else ""
+            out.append(f'        <Label value={quoteattr(label)}{hotkey} background="{color}"'
+                       + (' smart="true"' if smart else "") + "/>")
+        return "\n".join(out)
+
     headers = "\n".join(f'  <Header value={quoteattr("$" + f)} size="5"/>' for f in metadata_fields)
-    return raw.format(headers=headers, labels=label_lines, smart_labels=smart_lines)
+    return raw.format(headers=headers, labels=lines("alt+", False), point_labels=lines("", True),
+                      box_labels=lines("shift+", True))
 
 
 def label_config(settings: Settings) -> str:

@@ -8,7 +8,8 @@ on each click). They are split into objects, one mask each:
 - a positive click elsewhere refines the newest object only when what SAM segments at that point alone touches the
   object's mask (a missed part of it); otherwise it starts a new object, so a second object is never glued to the
   first one;
-- a negative click refines the newest object whose mask holds it, else the newest object.
+- a negative click refines the newest object whose mask holds it, else the newest object;
+- an object whose mask became empty (negative clicks) takes the next click.
 
 Each object's decode after its first click feeds the object's previous low-resolution logits as ``mask_input``,
 as the bare SamPredictor does. Decodes are remembered by image and click sequence (bounded by bytes), so a click
@@ -99,7 +100,7 @@ class ObjectSegmenter:
         if click.box is not None or not objects:
             return None
         for obj in reversed(objects):
-            if _near(obj.mask, click.point, near):
+            if _near(obj.mask, click.point, near) or not obj.mask.any():  # an emptied object takes the next click
                 return obj
         if not click.positive:
             return objects[-1]
