@@ -43,9 +43,13 @@ def test_project_has_template_and_settings(appliance):
     project = appliance.api("GET", f"/api/projects/{appliance.state()['project_id']}").json()
     assert project["title"] == "Segmentation"
     config = project["label_config"]
-    assert '<BrushLabels name="mask" toName="image">' in config
-    assert re.search(r'<KeyPointLabels name="point" toName="image" smart="true">', config)
-    assert re.search(r'<RectangleLabels name="box" toName="image" smart="true">', config)
+    assert '<BrushLabels name="mask" toName="image" smart="false"' in config  # no smart brush among the prompts
+    # The prompts: smart-only (the smart tool is the only keypoint and box tool), beside the image.
+    assert re.search(r'<KeyPointLabels name="point" toName="image" smart="true" smartOnly="true"', config)
+    assert re.search(r'<RectangleLabels name="box" toName="image" smart="true" smartOnly="true"', config)
+    assert 'style="display: flex' in config
+    hotkeys = re.findall(r'hotkey="([^"]+)"', config)
+    assert len(hotkeys) == len(set(hotkeys)) == 12  # one key per label and tool: 1-4, shift+1-4, alt+1-4
     for label in ("Person", "Animal", "Vehicle", "Object"):
         assert f'value="{label}"' in config
     assert project["evaluate_predictions_automatically"] is True

@@ -173,3 +173,17 @@ def test_every_template_kind_gets_the_mask_in_its_own_kind(sam, astronaut, embed
     tight = ask(sam, TEMPLATES["smart box only"], [drawn], image)["result"]
     assert [r["type"] for r in tight] == ["rectanglelabels"]
     assert tight[0]["value"]["width"] < drawn["value"]["width"]  # the loose box drawn around the face is tightened
+
+
+def test_keypoints_restored_from_a_draft_are_no_prompts():
+    """Label Studio sets is_positive on its live smart keypoints only; a keypoint restored from a saved draft has none
+    (its mask was accepted or dropped back then) and must not join the object drawn now."""
+    from appliance.backends.prompts import select_prompts
+
+    stale = {k: v for k, v in keypoint(FACE).items() if k != "is_positive"}
+    prompts = select_prompts({"result": [stale, keypoint(HELMET), keypoint(NECK, positive=False)]})
+    assert [(p.point, p.positive) for p in prompts.items] == [
+        (pytest.approx((HELMET[0] / 5.12, HELMET[1] / 5.12)), True),
+        (pytest.approx((NECK[0] / 5.12, NECK[1] / 5.12)), False)]
+    # A client that never sends is_positive (the API, scripts): every keypoint counts, as positive.
+    assert len(select_prompts({"result": [stale, stale]}).items) == 2

@@ -56,6 +56,10 @@ def select_prompts(context: dict) -> Prompts:
     result = context.get("result")
     regions = [r for r in (result if isinstance(result, list) else []) if isinstance(r, dict)
                and r.get("type") in PROMPT_TYPES and isinstance(r.get("value") or {}, dict)]
+    if any("is_positive" in r for r in regions):
+        # Label Studio marks its live smart keypoints with is_positive; one without it was restored from a saved
+        # draft (its mask was accepted or dropped back then) and is no prompt of the object being drawn now.
+        regions = [r for r in regions if r["type"] != "keypointlabels" or "is_positive" in r]
     if not regions:
         raise PromptError("no SAM prompt in the request: place a smart keypoint or draw a smart box")
     label = _label(regions[-1])
