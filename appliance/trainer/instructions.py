@@ -23,15 +23,16 @@ BEGIN, END = "<!-- appliance: begin -->", "<!-- appliance: end -->"
 REFRESH_S = 10  # how often the state is looked at; Label Studio is written only when the text changed
 
 GUIDE = """<h3>How to label</h3>
+<p>Once per browser: switch on <b>Auto-Annotation</b> (bottom bar) and, in <b>Settings</b> (bottom bar), <b>Keep label
+selected after creating a region</b>.</p>
 <ol>
-<li><b>Pick a label</b> in the prompt row beside the image (its key works too), then <b>click the object</b>: SAM draws
-its mask in a blink. The keypoint and box tools of this project are smart-only.</li>
-<li><b>Refine</b>: another click on a missed part adds it; <b>alt-click</b> (option-click) a wrong part removes it.
-Each click reuses the object's previous mask.</li>
-<li><b>A second object</b>: click it (same label or another). A click away from the pending mask starts a new mask;
-it is never glued to the first one.</li>
-<li><b>Accept</b> the masks (the check mark, or turn on <i>Auto-Accept Suggestions</i> for one click per object),
-then <b>Submit</b>. Big or thin objects: drag a smart box around them.</li>
+<li>Pick the <b>smart keypoint</b> tool (the sparkle pop-out in the toolbar, or <b>M</b>), press a label's key (1-9)
+and <b>click the object</b>: SAM draws its mask in a blink.</li>
+<li><b>Refine</b>: a click on a missed part adds it; an <b>alt-click</b> on a wrong part removes it.</li>
+<li><b>A second object</b>: click it. A click away from the pending mask starts a new mask; it is never glued to the
+first one.</li>
+<li><b>Accept</b> the masks (the check mark beside "N suggestions"; with <i>Auto-Accept Suggestions</i> each click is
+one finished object), then <b>Submit</b>. Big or thin objects: drag a smart box around them (shift+1-9).</li>
 </ol>"""
 
 
