@@ -29,3 +29,18 @@ def appliance(tmp_path_factory, artifacts) -> Appliance:
     yield app
     if app.proc and app.proc.poll() is None:
         app.stop()
+
+
+@pytest.fixture(scope="session")
+def default_appliance(tmp_path_factory, artifacts) -> Appliance:
+    """An appliance on its defaults, shared by the hostile-input tests (test_attacks, test_bad_images): each
+    publishes its own random model and adds its own tasks, and none depends on the other's."""
+    app = Appliance(env=appliance_env(tmp_path_factory.mktemp("defaults") / "data"),
+                    log_path=artifacts / "appliance-defaults.log")
+    app.log_path.write_text("")
+    try:
+        app.start()
+        yield app
+    finally:
+        if app.proc is not None and app.proc.poll() is None:
+            app.stop()

@@ -16,7 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import requests
 
-from harness import Appliance, appliance_env
+from harness import Appliance
 from random_model import random_model
 
 
@@ -48,16 +48,8 @@ def attacker():
 
 
 @pytest.fixture(scope="module")
-def studio(tmp_path_factory, artifacts):
-    app = Appliance(env=appliance_env(tmp_path_factory.mktemp("attacks") / "data"),
-                    log_path=artifacts / "appliance-attacks.log")
-    app.log_path.write_text("")
-    try:
-        app.start()
-        yield app
-    finally:
-        if app.proc is not None and app.proc.poll() is None:
-            app.stop()
+def studio(default_appliance):
+    return default_appliance  # shared with the other hostile-input tests (conftest.py)
 
 
 def backend(app: Appliance, role: str) -> str:

@@ -8,6 +8,7 @@ Runs on its own appliance: the session appliance's task count is part of other t
 from __future__ import annotations
 
 import io
+import os
 import struct
 import time
 import zlib
@@ -17,7 +18,7 @@ import requests
 from PIL import Image
 from skimage import data as samples
 
-from harness import Appliance, appliance_env
+from harness import Appliance
 from random_model import random_model
 
 BAD = ("corrupt.png", "truncated.jpg", "notes.png", "huge.png")
@@ -45,16 +46,8 @@ def bad_files() -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def studio(tmp_path_factory, artifacts):
-    app = Appliance(env=appliance_env(tmp_path_factory.mktemp("bad-images") / "data"),
-                    log_path=artifacts / "appliance-bad-images.log")
-    app.log_path.write_text("")
-    try:
-        app.start()
-        yield app
-    finally:
-        if app.proc is not None and app.proc.poll() is None:
-            app.stop()
+def studio(default_appliance):
+    return default_appliance  # shared with the other hostile-input tests (conftest.py)
 
 
 def backend_url(app: Appliance, role: str) -> str:
@@ -81,9 +74,13 @@ def image_of(task: dict) -> str:
 @pytest.fixture(scope="module")
 def bad_tasks(studio) -> list[dict]:
     folder = studio.data_dir / "images" / "bad"
-    folder.mkdir(parents=True)
-    for name, content in bad_files().items():
-        (folder / name).write_bytes(content)
+    old = os.umask(0o077)  # the volume stays private (test_attacks checks it on this shared appliance)
+    try:
+        folder.mkdir(parents=True)
+        for name, content in bad_files().items():
+            (folder / name).write_bytes(content)
+    finally:
+        os.umask(old)
     storage = studio.state()["local_storage_id"]
     assert studio.api("POST", f"/api/storages/localfiles/{storage}/sync").status_code in (200, 201)
     deadline = time.time() + 60
@@ -161,10 +158,14 @@ def test_both_backends_stay_healthy_and_a_good_click_still_works(studio, bad_tas
 def test_camera_file_names_in_any_case_import(studio):
     """IMG_0001.JPG, SCAN.TIF, photo.Webp: the images folder's filter ignores the extension's case."""
     folder = studio.data_dir / "images" / "camera"
-    folder.mkdir(parents=True, exist_ok=True)
     names = {"IMG_0001.JPG": "JPEG", "SCAN.TIF": "TIFF", "photo.Webp": "WEBP", "Shot.PNG": "PNG"}
-    for name, kind in names.items():
-        Image.fromarray(samples.astronaut()[:64, :64]).save(folder / name, kind)
+    old = os.umask(0o077)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, kind in names.items():
+            Image.fromarray(samples.astronaut()[:64, :64]).save(folder / name, kind)
+    finally:
+        os.umask(old)
     storage = studio.state()["local_storage_id"]
     assert studio.api("POST", f"/api/storages/localfiles/{storage}/sync").status_code in (200, 201)
     deadline = time.time() + 60

@@ -176,6 +176,7 @@ def test_the_annotators_path_wastes_no_click(studio, serving_version, browser, a
     page.get_by_role("button", name="Instructions").click()
     shown = page.get_by_text(f"Serving model {serving_version}").first
     shown.wait_for(timeout=10000)
+    page.wait_for_timeout(1000)  # the modal fades in
     page.screenshot(path=str(artifacts / "browser-2-instructions.png"))
     assert shown.is_visible() and page.get_by_text("Keep label selected after creating a region").first.is_visible()
     page.keyboard.press("Escape")

@@ -19,7 +19,8 @@ from appliance.settings import Settings
 
 log = logging.getLogger("trainer")
 
-BEGIN, END = "<!-- appliance: begin -->", "<!-- appliance: end -->"
+# Label Studio cleans the instructions with bleach (comments dropped, a class attribute kept): the block is a div.
+BEGIN, END = '<div class="appliance-model-loop">', "</div>"
 REFRESH_S = 10  # how often the state is looked at; Label Studio is written only when the text changed
 
 GUIDE = """<h3>How to label</h3>
@@ -75,8 +76,9 @@ def render(serving: Any, trainer: dict, settings: Settings) -> str:
 def merge(existing: str, block: str) -> str:
     """``existing`` with the appliance's block replaced by ``block`` (appended when it has none)."""
     marked = f"{BEGIN}\n{block}\n{END}"
-    start, end = existing.find(BEGIN), existing.find(END)
-    if start >= 0 and end > start:
+    start = existing.find(BEGIN)
+    end = existing.find(END, start) if start >= 0 else -1
+    if end > start:
         return existing[:start] + marked + existing[end + len(END):]
     return f"{existing.rstrip()}\n{marked}" if existing.strip() else marked
 
