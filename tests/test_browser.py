@@ -180,14 +180,21 @@ def test_the_annotators_path_wastes_no_click(studio, serving_version, browser, a
     page.screenshot(path=str(artifacts / "browser-2-instructions.png"))
     assert shown.is_visible() and page.get_by_text("Keep label selected after creating a region").first.is_visible()
     page.keyboard.press("Escape")
+    shown.wait_for(state="hidden", timeout=10000)
 
     # Once per browser, as the instructions say: Auto-Annotation on, and keep the label after each region.
     page.locator("[aria-label='Create an annotation']").click()  # a blank annotation, not the tiny model's
     page.get_by_text("Auto-Annotation", exact=True).click()
-    page.get_by_role("button", name="Settings").click()
+    wait_stored(page, "localStorage.getItem('autoAnnotation') === 'true'", "Auto-Annotation")
+    page.locator(".lsf-bottombar button[aria-label=Settings], button[aria-label=Settings]").last.click()
+    title = page.get_by_text("Labeling Interface Settings").first
+    title.wait_for(timeout=10000)
     page.get_by_text("Keep label selected after creating a region").locator(
         "xpath=ancestor::*[.//input][1]").locator("input").first.click(force=True)
+    wait_stored(page, "JSON.parse(localStorage.getItem('labelStudio:settings') || '{}').continuousLabeling === true",
+                "Keep label selected")
     page.keyboard.press("Escape")
+    title.wait_for(state="hidden", timeout=10000)
 
     annotator.smart_keypoint()
     face = masks_of(annotator.click(*FACE, shot="3-face"))
@@ -225,6 +232,14 @@ def test_the_annotators_path_wastes_no_click(studio, serving_version, browser, a
     assert data and [r["type"] for r in data["result"]] == ["rectanglelabels"]
     assert 0 < data["result"][0]["value"]["width"] < 50
     assert annotator.wasted == 0, f"{annotator.wasted} of {annotator.clicks} clicks did nothing"
+
+
+def wait_stored(page, condition: str, what: str) -> None:
+    """Label Studio keeps its editor settings in the browser's local storage: wait until ``what`` is stored."""
+    deadline = time.time() + 10
+    while not page.evaluate(condition):
+        assert time.time() < deadline, f"the setting {what!r} was not stored"
+        page.wait_for_timeout(200)
 
 
 def accept_all(page) -> None:

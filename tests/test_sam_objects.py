@@ -187,3 +187,22 @@ def test_keypoints_restored_from_a_draft_are_no_prompts():
         (pytest.approx((NECK[0] / 5.12, NECK[1] / 5.12)), False)]
     # A client that never sends is_positive (the API, scripts): every keypoint counts, as positive.
     assert len(select_prompts({"result": [stale, stale]}).items) == 2
+
+
+def test_pre_annotations_come_in_each_template_kind(tmp_path_factory, astronaut):
+    """The prediction backend writes each detection in the template's kinds: boxes only, polygons only, brush."""
+    from appliance.backends.predict import PredictBackend
+    from appliance.backends.protocol import create_app
+    from random_model import random_model
+
+    settings = make_settings(tmp_path_factory.mktemp("kinds-predict"))
+    random_model(settings.models_dir, ["person"])  # matches the label "Person" by name in any case
+    client = create_app(PredictBackend(settings)).test_client()
+    wait_ready(client)
+    task = {"id": 1, "data": {"image": _data_uri(astronaut)}}
+    for kind, expected in (("box-only", {"rectanglelabels"}), ("polygon-only", {"polygonlabels"}),
+                           ("brush+polygon", {"brushlabels"})):
+        answer = client.post("/predict", json={"tasks": [task], "label_config": TEMPLATES[kind]}).get_json()
+        result = answer["results"][0]["result"]
+        assert result and {r["type"] for r in result} == expected, (kind, answer)
+        assert {label for r in result for label in r["value"][r["type"]]} == {"Person"}

@@ -7,6 +7,7 @@ dataset builder is covered by test_trainer_dataset.py and the end-to-end test in
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 from pathlib import Path
 
@@ -93,15 +94,27 @@ def trainer_for(tmp_path: Path, build, embeddings: Path | None = None, **env: st
     return Trainer(settings, build=build)
 
 
-def test_first_model_is_published_with_its_metrics_and_progress(tmp_path, shapes, embeddings):
-    trainer = trainer_for(tmp_path, synthetic_build(*shapes), embeddings)
-    outcome = trainer.run("test")
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory, shapes, embeddings) -> tuple[Path, dict, dict]:
+    """One real first run (sam-det on the shapes), shared: its data folder, its outcome and the status after it."""
+    data = tmp_path_factory.mktemp("first-run")
+    trainer = trainer_for(data, synthetic_build(*shapes), embeddings)
+    return data, trainer.run("first"), trainer.status.read()
+
+
+def serving_copy(first_run, tmp_path: Path) -> str:
+    """The first run's registry, copied into this test's data folder; returns the serving version."""
+    shutil.copytree(first_run[0] / "models", tmp_path / "models", symlinks=True)
+    return first_run[1]["version"]
+
+
+def test_first_model_is_published_with_its_metrics_and_progress(first_run):
+    data, outcome, status = first_run
     assert outcome["result"] == "published", outcome
-    current = ModelRegistry(tmp_path / "models").current()
+    current = ModelRegistry(data / "models").current()
     assert current.version == outcome["version"]
     assert {"segm_mAP", "bbox_mAP", "segm_AP50", "train_images"} <= set(current.metrics)
     assert current.metrics["segm_AP50"] > 0  # the first model must find something on the held-out images
-    status = trainer.status.read()
     assert status["state"] == "idle" and status["last"]["result"] == "published"
     assert status["max_epochs"] == EPOCHS and status["loss"] is not None and status["eta_s"] is not None
 
@@ -116,11 +129,11 @@ def test_first_model_that_finds_nothing_is_not_published_and_the_status_says_why
     assert trainer.status.read()["last"]["why"] == outcome["why"]
 
 
-def test_worse_candidate_is_not_published(tmp_path, shapes, embeddings):
+def test_worse_candidate_is_not_published(tmp_path, shapes, embeddings, first_run):
+    serving = serving_copy(first_run, tmp_path)
     registry = ModelRegistry(tmp_path / "models")
     trainer = trainer_for(tmp_path, synthetic_build(*shapes), embeddings)
-    assert trainer.run("first")["result"] == "published"
-    serving = registry.current().version
+    assert registry.current().version == serving
     # Evaluate the serving model for real, then ask the decision about a candidate scoring below it.
     outcome = trainer._decide(tmp_path / "nowhere", {"candidate": {"segm_mAP": -1.0, "bbox_mAP": -1.0},
                                                      "current": registry.current().metrics}, None)
@@ -128,10 +141,9 @@ def test_worse_candidate_is_not_published(tmp_path, shapes, embeddings):
     assert len(registry.list()) == 1
 
 
-def test_crash_in_training_leaves_serving_intact_and_is_reported(tmp_path, shapes, embeddings):
+def test_crash_in_training_leaves_serving_intact_and_is_reported(tmp_path, shapes, first_run):
+    serving = serving_copy(first_run, tmp_path)
     registry = ModelRegistry(tmp_path / "models")
-    good = trainer_for(tmp_path, synthetic_build(*shapes), embeddings)
-    serving = good.run("first")["version"]
     broken = tmp_path / "broken"
     (broken / "images").mkdir(parents=True)
     (broken / "annotations.json").write_text(json.dumps({"images": [{"id": 1, "file_name": "missing.png",

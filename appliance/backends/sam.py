@@ -17,7 +17,7 @@ import numpy as np
 
 from appliance.backends import labeling, serve
 from appliance.backends.images import ImageError, ImageFetcher, decode_image
-from appliance.backends.labeling import LabelingError, LabelingSpec
+from appliance.backends.labeling import LabelingError
 from appliance.backends.prefetch import Prefetcher
 from appliance.backends.prompts import Prompts, select_prompts
 from appliance.backends.protocol import Backend, BadRequest, PredictRequest, SetupRequest
