@@ -7,8 +7,9 @@ import tempfile
 from pathlib import Path
 
 
-def random_model(models_dir, classes: list[str]) -> str:
-    """A registry version with randomly initialised weights (no training: the shapes are what matter)."""
+def random_model(models_dir, classes: list[str], arch: str = "rtmdet-ins-tiny") -> str:
+    """A registry version with randomly initialised weights (no training: the shapes are what matter). With
+    ``sam-det`` only the head is random: SAM's encoder and mask decoder are the real weights, so masks are real."""
     import torch
     from mmdet.registry import MODELS
     from mmdet.utils import register_all_modules
@@ -21,7 +22,7 @@ def random_model(models_dir, classes: list[str]) -> str:
     register_all_modules()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        cfg = build_config("rtmdet-ins-tiny", classes, out / "work", img_size=128)
+        cfg = build_config(arch, classes, out / "work", img_size=128)
         torch.manual_seed(0)
         model = MODELS.build(cfg.model)
         for key in ("work_dir", "load_from"):

@@ -196,7 +196,8 @@ def test_pre_annotations_come_in_each_template_kind(tmp_path_factory, astronaut)
     from random_model import random_model
 
     settings = make_settings(tmp_path_factory.mktemp("kinds-predict"))
-    random_model(settings.models_dir, ["person"])  # matches the label "Person" by name in any case
+    # sam-det with a random head: SAM's real mask decoder makes the masks (the label "Person" matches by name).
+    random_model(settings.models_dir, ["person"], arch="sam-det")
     client = create_app(PredictBackend(settings)).test_client()
     wait_ready(client)
     task = {"id": 1, "data": {"image": _data_uri(astronaut)}}
@@ -206,3 +207,5 @@ def test_pre_annotations_come_in_each_template_kind(tmp_path_factory, astronaut)
         result = answer["results"][0]["result"]
         assert result and {r["type"] for r in result} == expected, (kind, answer)
         assert {label for r in result for label in r["value"][r["type"]]} == {"Person"}
+        if kind == "brush+polygon":  # no empty brush mask is offered
+            assert all((decode_rle(r["value"]["rle"]) >= 128).any() for r in result)

@@ -163,7 +163,7 @@ class PredictBackend(Backend):
         from appliance.models.detection.model import exact_size
 
         regions = []
-        if det.mask is not None:
+        if det.mask is not None and det.mask.any():  # an empty mask is no object to offer (its box still is)
             mask = exact_size(det.mask, *size)  # the region's original_width/height are the image's
             if spec.control("BrushLabels"):
                 regions.append(labeling.brush_region(spec, mask, label, det.score))
