@@ -76,10 +76,12 @@ class EmbeddingStore:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        self.trim()
+        self.trim(keep=path)
 
-    def trim(self) -> int:
-        """Delete the least recently used files until the folder holds at most ``max_bytes``; returns how many."""
+    def trim(self, keep: Path | None = None) -> int:
+        """Delete the least recently used files until the folder holds at most ``max_bytes``; returns how many.
+        ``keep`` (the file just written) is never deleted: readers refreshing other files meanwhile can make it
+        the oldest by mtime."""
         with self._lock:
             entries = []
             for path in self.root.glob("*.npy"):
@@ -93,6 +95,8 @@ class EmbeddingStore:
             for _, size, path in sorted(entries, key=lambda e: e[0]):
                 if total <= self.max_bytes:
                     break
+                if path == keep:
+                    continue
                 path.unlink(missing_ok=True)
                 total -= size
                 removed += 1
