@@ -18,6 +18,7 @@ import uuid
 import pytest
 import requests
 
+from appliance.samples import SAMPLES
 from harness import ARTIFACTS, free_port
 
 IMAGE = os.environ.get("APPLIANCE_IMAGE", "labeling-appliance")
@@ -135,8 +136,10 @@ def first(volume):
     try:
         REPORT["first_ready_s"] = round(box.wait_ready(began), 1)
         pid = box.state()["project_id"]
-        tasks = box.api("GET", f"/api/tasks?project={pid}&page_size=100").json()["tasks"]
-        assert tasks, "the sample images made no tasks"
+        deadline = time.time() + 120  # ready means bootstrapped; the storage sync may still be importing the photos
+        while len(tasks := box.api("GET", f"/api/tasks?project={pid}&page_size=100").json()["tasks"]) < len(SAMPLES):
+            assert time.time() < deadline, f"the {len(SAMPLES)} sample photos made {len(tasks)} tasks"
+            time.sleep(1)
         made = box.api("POST", f"/api/tasks/{tasks[0]['id']}/annotations",
                        json={"result": [BOX], "was_cancelled": False})
         assert made.status_code == 201, made.text
