@@ -2,8 +2,9 @@
 
 Clicks, negative clicks and boxes become one mask per object (``models/sam/objects.py`` decides which click
 belongs to which object, and feeds each object's previous mask back to SAM), written in the template's kinds:
-a brush and a polygon when it has them, else a tight box. Embeddings come from a byte-bounded cache keyed by image content; one encoder thread
-computes them ahead for the tasks the annotator will open next, so a click only runs the decoder.
+a brush and a polygon when it has them, else a tight box. Embeddings come from a byte-bounded cache keyed by image
+content; one encoder thread computes them ahead for the tasks the annotator will open next, so a click only runs
+the decoder.
 """
 
 from __future__ import annotations
