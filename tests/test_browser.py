@@ -175,12 +175,11 @@ def test_the_annotators_path_wastes_no_click(studio, serving_version, browser, a
     page.wait_for_selector("text=Auto-Annotation", timeout=120000)
     page.get_by_role("button", name="Instructions").click()
     shown = page.get_by_text(f"Serving model {serving_version}").first
-    shown.wait_for(timeout=10000)
+    shown.wait_for(timeout=30000)
     page.wait_for_timeout(1000)  # the modal fades in
     page.screenshot(path=str(artifacts / "browser-2-instructions.png"))
     assert shown.is_visible() and page.get_by_text("Keep label selected after creating a region").first.is_visible()
-    page.keyboard.press("Escape")
-    shown.wait_for(state="hidden", timeout=10000)
+    close_modal(page)
 
     # Once per browser, as the instructions say: Auto-Annotation on, and keep the label after each region.
     page.locator("[aria-label='Create an annotation']").click()  # a blank annotation, not the tiny model's
@@ -188,13 +187,13 @@ def test_the_annotators_path_wastes_no_click(studio, serving_version, browser, a
     wait_stored(page, "localStorage.getItem('autoAnnotation') === 'true'", "Auto-Annotation")
     page.locator(".lsf-bottombar button[aria-label=Settings], button[aria-label=Settings]").last.click()
     title = page.get_by_text("Labeling Interface Settings").first
-    title.wait_for(timeout=10000)
+    title.wait_for(timeout=30000)
     page.get_by_text("Keep label selected after creating a region").locator(
         "xpath=ancestor::*[.//input][1]").locator("input").first.click(force=True)
     wait_stored(page, "JSON.parse(localStorage.getItem('labelStudio:settings') || '{}').continuousLabeling === true",
                 "Keep label selected")
-    page.keyboard.press("Escape")
-    title.wait_for(state="hidden", timeout=10000)
+    close_modal(page)
+    page.screenshot(path=str(artifacts / "browser-2-settings-stored.png"))
 
     annotator.smart_keypoint()
     face = masks_of(annotator.click(*FACE, shot="3-face"))
@@ -234,9 +233,18 @@ def test_the_annotators_path_wastes_no_click(studio, serving_version, browser, a
     assert annotator.wasted == 0, f"{annotator.wasted} of {annotator.clicks} clicks did nothing"
 
 
+def close_modal(page) -> None:
+    """Escape, then wait until no modal (Label Studio's or the editor's) is visible: a click during the fade-out
+    lands on the overlay and does nothing."""
+    page.keyboard.press("Escape")
+    page.wait_for_function("() => ![...document.querySelectorAll('[class*=modal-ls], .ant-modal-wrap')]"
+                           ".some(e => e.offsetParent !== null && getComputedStyle(e).display !== 'none')",
+                           timeout=30000)
+
+
 def wait_stored(page, condition: str, what: str) -> None:
     """Label Studio keeps its editor settings in the browser's local storage: wait until ``what`` is stored."""
-    deadline = time.time() + 10
+    deadline = time.time() + 30
     while not page.evaluate(condition):
         assert time.time() < deadline, f"the setting {what!r} was not stored"
         page.wait_for_timeout(200)
