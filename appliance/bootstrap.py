@@ -127,7 +127,7 @@ def run(settings: Settings) -> dict[str, Any]:
     state["project_id"] = converge_project(ls, settings, state)
     app_state.write(settings, state)
     files = studio.converge_file_storages(settings, state["project_id"])  # before the sync: it may re-key links
-    state["journal_storage_id"] = files["journal"]
+    state["journal_storage_id"] = files["journal"]  # None when shared: gcs_bootstrap sets it
     if files["journal_created"]:
         log.info("created the annotation journal (export storage %d) at %s", files["journal"], settings.journal_dir)
     if files["images_moved"]:

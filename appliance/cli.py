@@ -69,10 +69,11 @@ def _status(args) -> None:
 
 def _model(args) -> None:
     from appliance import runtime
-    from appliance.models.registry import ModelRegistry, UnknownVersionError
+    from appliance.models.registry import UnknownVersionError
+    from appliance.shared.registry import open_registry
 
     settings = runtime.load()
-    registry = ModelRegistry(settings.models_dir)
+    registry = open_registry(settings)
     if args.action == "import":
         from appliance.models.detection.pretrained import import_pretrained, resolve_classes
 

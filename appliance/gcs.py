@@ -134,6 +134,8 @@ def preflight(settings: Settings, deadline: float = DEADLINE) -> None:
                           settings.gcs_source_prefix)
         if settings.gcs_target_bucket:
             _check_bucket(settings, gcs, settings.gcs_target_bucket, "APPLIANCE_GCS_TARGET_BUCKET")
+        if settings.shared_state:
+            _check_bucket(settings, gcs, settings.shared_bucket, "APPLIANCE_SHARED_STATE")
 
     bounded(checks, deadline, settings)
 

@@ -37,6 +37,8 @@ def converge(ls: LabelStudio, settings: Settings, state: dict[str, Any]) -> dict
         out["gcs_import_storage_id"] = converge_source(ls, settings, state, access, new_key)
     if settings.gcs_target_bucket:
         out["gcs_export_storage_id"] = converge_target(ls, settings, state, access, new_key)
+    if settings.shared_state:
+        out["journal_storage_id"] = converge_shared_journal(ls, settings, state, access, new_key)
     return out
 
 
@@ -87,4 +89,20 @@ def converge_target(ls: LabelStudio, settings: Settings, state: dict, access: di
     storage_id = _upsert(ls.export_storage.gcs, existing, wanted, access, new_key, project_id, "GCS export storage")
     if existing is None:
         ls.export_storage.gcs.sync(storage_id)  # annotations made before the target existed
+    return storage_id
+
+
+def converge_shared_journal(ls: LabelStudio, settings: Settings, state: dict, access: dict, new_key: bool) -> int:
+    """With the roles on several machines, every Label Studio replica writes the annotation journal to the shared
+    bucket (appliance.shared.journal), where any trainer reads it."""
+    from appliance.shared.journal import journal_prefix
+
+    project_id = state["project_id"]
+    wanted = {"bucket": settings.shared_bucket, "prefix": journal_prefix(settings), "can_delete_objects": True,
+              "title": "Annotation journal (shared)"}
+    existing = next((s for s in ls.export_storage.gcs.list(project=project_id)
+                     if s.bucket == wanted["bucket"] and (s.prefix or "") == wanted["prefix"]), None)
+    storage_id = _upsert(ls.export_storage.gcs, existing, wanted, access, new_key, project_id, "shared journal")
+    if existing is None:
+        ls.export_storage.gcs.sync(storage_id)  # annotations made before the journal was shared
     return storage_id

@@ -235,6 +235,18 @@ class Settings(BaseSettings):
                                        description="GCS emulator URL, e.g. http://127.0.0.1:4443 (tests, offline "
                                                    "demos).")
 
+    shared_state: str = Field("", validation_alias=_env("APPLIANCE_SHARED_STATE"),
+                              description="gs://bucket/prefix holding what several machines share: the model "
+                                          "registry and the annotation journal (empty: this data dir only). Set "
+                                          "it on every node of a split deployment.")
+    shared_poll_seconds: float = Field(5.0, ge=0.5, le=600, validation_alias=_env("APPLIANCE_SHARED_POLL_SECONDS"),
+                                       description="How often a node looks for a new model version or new "
+                                                   "annotations in APPLIANCE_SHARED_STATE.")
+    trainer_lease_seconds: float = Field(60.0, ge=5, le=3600, validation_alias=_env("APPLIANCE_TRAINER_LEASE_SECONDS"),
+                                         description="Without PostgreSQL, the cross-machine training lock is a "
+                                                     "GCS object renewed this often x1/3; a crashed trainer's lock "
+                                                     "is taken over after it.")
+
     @field_validator("gcs_source_bucket", "gcs_target_bucket")
     @classmethod
     def _bucket_name(cls, value: str) -> str:
@@ -287,6 +299,20 @@ class Settings(BaseSettings):
         service_account_info(text)
         return SecretStr(text)
 
+    @field_validator("shared_state")
+    @classmethod
+    def _shared_state(cls, value: str) -> str:
+        value = value.strip().rstrip("/")
+        if not value:
+            return value
+        parts = urlsplit(value)
+        if parts.scheme != "gs" or not parts.netloc:
+            raise ValueError("must be gs://bucket or gs://bucket/prefix")
+        problem = bucket_name_problem(parts.netloc)
+        if problem:
+            raise ValueError(f"the bucket name {parts.netloc!r} {problem}")
+        return value
+
     @field_validator("storage_emulator_host")
     @classmethod
     def _emulator(cls, value: str) -> str:
@@ -296,7 +322,17 @@ class Settings(BaseSettings):
 
     @property
     def gcs_enabled(self) -> bool:
-        return bool(self.gcs_source_bucket or self.gcs_target_bucket)
+        return bool(self.gcs_source_bucket or self.gcs_target_bucket or self.shared_state)
+
+    @property
+    def shared_bucket(self) -> str:
+        return urlsplit(self.shared_state).netloc
+
+    @property
+    def shared_prefix(self) -> str:
+        """The shared folder's object-name prefix, "" or ending in "/"."""
+        path = urlsplit(self.shared_state).path.strip("/")
+        return f"{path}/" if path else ""
 
     @property
     def gcs_key_json(self) -> str | None:

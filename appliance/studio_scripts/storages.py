@@ -50,7 +50,9 @@ def main() -> None:
     result = {"images_moved": 0}
     if params.get("legacy_images") and params["legacy_images"] != params["images"]:
         result["images_moved"] = move_images(params["project"], params["legacy_images"], params["images"])
-    result["journal"], result["journal_created"] = ensure_journal(params["project"], params["journal"])
+    result["journal"], result["journal_created"] = None, False  # shared on GCS: the API makes that one
+    if params.get("journal"):
+        result["journal"], result["journal_created"] = ensure_journal(params["project"], params["journal"])
     print(json.dumps(result))
 
 

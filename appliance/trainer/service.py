@@ -9,7 +9,6 @@ and is reported in ``<data>/trainer/status.json`` (shown by `appliance status`).
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import logging
 import os
@@ -18,9 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from appliance import state as app_state
 from appliance.supervise import die_with_parent
@@ -28,6 +25,7 @@ from appliance.trainer import init, journal
 from appliance.trainer.schedule import Schedule
 from appliance.trainer.status import StatusFile
 from appliance.settings import Settings
+from appliance.shared.lock import training_lock
 
 log = logging.getLogger("trainer")
 
@@ -48,30 +46,14 @@ def request_run(settings: Settings, reason: str) -> Path:
     return path
 
 
-@contextmanager
-def training_lock(settings: Settings) -> Iterator[bool]:
-    """One run at a time, even across containers sharing the registry."""
-    settings.models_dir.mkdir(parents=True, exist_ok=True)
-    with open(settings.models_dir / ".train.lock", "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 class Trainer:
     def __init__(self, settings: Settings, build=None):
-        from appliance.models.registry import ModelRegistry
+        from appliance.shared.registry import open_registry
         from appliance.trainer.build import build_datasets
 
         self.settings = settings
         self.build = build or build_datasets  # (settings, work dir) -> Datasets
-        self.registry = ModelRegistry(settings.models_dir)
+        self.registry = open_registry(settings)
         self.status = StatusFile(settings.trainer_dir / "status.json")
         self.schedule = Schedule(settings.train_min_new, settings.train_quiet_seconds)
         self.requests = settings.trainer_dir / "requests"
@@ -88,6 +70,10 @@ class Trainer:
         from appliance.trainer.instructions import InstructionsWriter
 
         stop = stop or threading.Event()
+        if self.settings.shared_state:
+            from appliance.shared.journal import JournalMirror
+
+            JournalMirror(self.settings).start(stop)  # other machines' annotations, into the watched folder
         self.watcher.start()
         InstructionsWriter(self.settings, self.status.read, self.registry).start(stop)
         since = self.status.read().get("last_run_started", 0.0)
