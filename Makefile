@@ -33,6 +33,9 @@ image-test: $(STAMP) image
 	mkdir -p test-artifacts
 	APPLIANCE_IMAGE=$(IMAGE) APPLIANCE_IMAGE_REPORT=test-artifacts/image.json $(VENV)/app/bin/python -m pytest tests/image/test_image.py $(PYTEST_ARGS)
 
+multinode-test: $(STAMP) $(TEST_STAMP)
+	OMP_WAIT_POLICY=PASSIVE $(VENV)/app/bin/python -m pytest tests/multinode $(PYTEST_ARGS)
+
 bench: $(STAMP)
 	$(VENV)/app/bin/python benchmarks/cold_start.py
 

@@ -19,6 +19,7 @@ from label_studio_sdk.client import LabelStudio
 from appliance import gcs_bootstrap, studio, studio_api, template
 from appliance import state as app_state
 from appliance.settings import Settings
+from appliance.shared.lock import bootstrap_turn
 
 log = logging.getLogger("bootstrap")
 
@@ -122,6 +123,11 @@ def converge_backend(ls: LabelStudio, settings: Settings, project_id: int, backe
 def run(settings: Settings) -> dict[str, Any]:
     started = time.monotonic()
     studio_api.wait_http(f"{settings.studio_base_url}/health", started + settings.ready_timeout, "Label Studio")
+    with bootstrap_turn(settings):  # several replicas on one database: one at a time
+        return converge(settings, started)
+
+
+def converge(settings: Settings, started: float) -> dict[str, Any]:
     ls = studio_api.sdk(settings)
     state = app_state.read(settings)
     state["project_id"] = converge_project(ls, settings, state)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -575,8 +576,21 @@ def explain(error: ValidationError) -> str:
     return f"configuration error: {name}{shown}: {message}. Fix it or unset it to use the default{tail}."
 
 
+PLACEHOLDER = "CHANGE-ME"  # in deploy/'s example files: never reaches production as a value
+
+
+def _placeholder(environ) -> str | None:
+    names = {name for field in Settings.model_fields.values() if isinstance(field.validation_alias, AliasChoices)
+             for name in field.validation_alias.choices}
+    return next((name for name in sorted(names) if PLACEHOLDER in (environ.get(name) or "")), None)
+
+
 def load_settings(environ: dict[str, str] | None = None) -> Settings:
     """Build and validate the settings; raise ConfigError with one readable line when a value is wrong."""
+    placeholder = _placeholder(os.environ if environ is None else environ)
+    if placeholder:
+        raise ConfigError(f"configuration error: {placeholder} still holds the example's {PLACEHOLDER}: set a real "
+                          f"value (a secret: generate one, e.g. `openssl rand -hex 16`)")
     try:
         if environ is None:
             return Settings()

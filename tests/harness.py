@@ -59,8 +59,12 @@ class Appliance:
         return f"http://127.0.0.1:{self.env['APPLIANCE_PORT']}"
 
     def secrets(self) -> dict[str, str]:
-        lines = (self.data_dir / "secrets.env").read_text().splitlines()
-        return dict(line.split("=", 1) for line in lines if "=" in line and not line.startswith("#"))
+        """The generated secrets (secrets.env), and those given in the environment instead."""
+        path = self.data_dir / "secrets.env"
+        lines = path.read_text().splitlines() if path.exists() else []
+        found = dict(line.split("=", 1) for line in lines if "=" in line and not line.startswith("#"))
+        given = ("LABEL_STUDIO_API_KEY", "LABEL_STUDIO_PASSWORD", "APPLIANCE_SECRET_KEY", "APPLIANCE_BACKEND_SECRET")
+        return {**found, **{name: self.env[name] for name in given if self.env.get(name)}}
 
     @property
     def token(self) -> str:
@@ -76,14 +80,15 @@ class Appliance:
         except (OSError, ValueError):
             return {}
 
-    def start(self, timeout: float = 420) -> float:
-        """Start and wait until the bootstrap finished; returns seconds taken."""
+    def start(self, timeout: float = 420, ready=None) -> float:
+        """Start and wait until the bootstrap finished (or ``ready()`` is true); returns seconds taken."""
         began = time.time()
+        ready = ready or (lambda: self.state().get("bootstrapped_at", 0) > began)
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "appliance", "up"], env=self.env, stdout=log,
                                      stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
         while time.time() - began < timeout:
-            if self.state().get("bootstrapped_at", 0) > began:
+            if ready():
                 self.starts.append(time.time() - began)
                 return self.starts[-1]
             if self.proc.poll() is not None:

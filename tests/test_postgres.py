@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -77,3 +78,25 @@ def test_the_training_lock_is_a_postgres_advisory_lock_freed_when_its_holder_die
         assert held
     finally:
         holder.kill()
+
+
+def test_replicas_on_one_database_bootstrap_one_at_a_time(database, tmp_path):
+    from appliance.shared.lock import bootstrap_turn
+
+    replicas = [load_settings({"APPLIANCE_DATA_DIR": str(tmp_path / f"r{i}"), "APPLIANCE_DATABASE_URL": database})
+                for i in (1, 2)]
+    inside, order = threading.Event(), []
+
+    def second() -> None:
+        inside.wait(10)
+        with bootstrap_turn(replicas[1]):
+            order.append("second in")
+
+    thread = threading.Thread(target=second)
+    thread.start()
+    with bootstrap_turn(replicas[0]):
+        inside.set()
+        time.sleep(1.5)  # the other replica is waiting for its turn meanwhile
+        order.append("first out")
+    thread.join(20)
+    assert order == ["first out", "second in"]

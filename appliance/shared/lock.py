@@ -6,6 +6,8 @@
   (``if_generation_match=0``), renewed and released only by its holder (the generation it wrote), and taken over once
   it has not been renewed for APPLIANCE_TRAINER_LEASE_SECONDS.
 - Else (one machine): an fcntl lock on the registry folder.
+
+``bootstrap_turn`` makes Label Studio replicas on one PostgreSQL database bootstrap one after the other.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from typing import Iterator
 from appliance.settings import Settings
 
 log = logging.getLogger("shared.lock")
-LOCK_KEY = zlib.crc32(b"labeling-appliance training") - 2**31  # a fixed bigint of this appliance
+LOCK_KEY = zlib.crc32(b"labeling-appliance training") - 2**31  # fixed bigints of this appliance
+BOOTSTRAP_KEY = zlib.crc32(b"labeling-appliance bootstrap") - 2**31
 LEASE_OBJECT = "locks/training"
 
 
@@ -56,14 +59,32 @@ def file_lock(settings: Settings) -> Iterator[bool]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-@contextmanager
-def postgres_lock(settings: Settings) -> Iterator[bool]:
+def _connect(settings: Settings, name: str):
     import psycopg
 
     # Keepalives: a holder whose machine vanished is noticed within about a minute, and its lock freed.
-    with psycopg.connect(settings.database_url, autocommit=True, connect_timeout=10, keepalives=1,
-                         keepalives_idle=20, keepalives_interval=10, keepalives_count=3,
-                         application_name="appliance-trainer") as conn:
+    return psycopg.connect(settings.database_url, autocommit=True, connect_timeout=10, keepalives=1,
+                           keepalives_idle=20, keepalives_interval=10, keepalives_count=3, application_name=name)
+
+
+@contextmanager
+def bootstrap_turn(settings: Settings) -> Iterator[None]:
+    """Label Studio replicas on one PostgreSQL database bootstrap one at a time: the first creates the project, the
+    others find it by its title instead of racing to create a second one."""
+    if not settings.database_url:
+        yield
+        return
+    with _connect(settings, "appliance-bootstrap") as conn:
+        conn.execute("SELECT pg_advisory_lock(%s)", (BOOTSTRAP_KEY,))
+        try:
+            yield
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (BOOTSTRAP_KEY,))
+
+
+@contextmanager
+def postgres_lock(settings: Settings) -> Iterator[bool]:
+    with _connect(settings, "appliance-trainer") as conn:
         held = conn.execute("SELECT pg_try_advisory_lock(%s)", (LOCK_KEY,)).fetchone()[0]
         try:
             yield bool(held)

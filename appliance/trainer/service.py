@@ -60,6 +60,7 @@ class Trainer:
         self.wake = threading.Event()
         self.timings: dict[str, float] = {}
         self.started_from: str | None = None  # the version serving when the current run began
+        self.journal_until: float | None = None  # the newest journal file the current run trains on
         self.retry_at: float | None = None  # a run that failed on a full disk is tried again from then
         self.retry_wait = DISK_RETRY_S[0]
         self._last_lap = time.monotonic()
@@ -115,8 +116,16 @@ class Trainer:
     def run(self, reason: str, waited: float | None = None, requests: list[Path] = ()) -> dict:
         with training_lock(self.settings) as acquired:
             if not acquired:  # the requests stay on disk: they are served when the other run is done
-                log.info("a training run is already in progress elsewhere; %s waits", reason)
+                if not self.status.read().get("busy_since"):
+                    log.info("a training run is already in progress elsewhere; %s waits", reason)
+                    self.status.update(busy_since=time.time())
+                self.status.update(busy_at=time.time())
                 return {"result": "busy"}
+            self.status.update(busy_since=None)
+            if self.settings.shared_state and not requests and self._covered_by_serving():
+                self.watcher.mark(self.settings.journal_dir)
+                log.info("the serving model was trained on these annotations already (by another trainer)")
+                return {"result": "up to date"}
             for path in requests:
                 path.unlink(missing_ok=True)
             self.watcher.mark(self.settings.journal_dir)
@@ -142,6 +151,16 @@ class Trainer:
             log.info("run %s: %s", run_id, json.dumps(outcome))
             return outcome
 
+    def _covered_by_serving(self) -> bool:
+        """Counted from what the serving model was trained on, the journal holds too few changes for a run: another
+        trainer sharing the journal ran while this one waited for the lock."""
+        serving = self.registry.current()
+        until = serving.metrics.get("journal_until") if serving else None
+        if until is None:
+            return False
+        fresh, newest = journal.changed_since(self.settings.journal_dir, until)
+        return self.schedule.due(len(fresh), newest, False, time.time()) is None
+
     def _retry_later(self, error) -> bool:
         """After a full disk, try the run again later (waits double up to a limit); True when scheduled."""
         if not _disk_full(error):
@@ -155,6 +174,7 @@ class Trainer:
         shutil.rmtree(work, ignore_errors=True)
         serving = self.registry.current()
         self.started_from = serving.version if serving else None
+        self.journal_until = journal.changed_since(self.settings.journal_dir, 0)[1]  # what this run trains on
         try:
             datasets = self.build(self.settings, work)
             self._lap("dataset")
@@ -263,7 +283,7 @@ class Trainer:
                            "over that choice"}
         self.status.update(stage="publish")
         version = self.registry.publish(model_dir, {**(candidate or {}), "baseline": current,
-                                                    **datasets.summary()})
+                                                    "journal_until": self.journal_until, **datasets.summary()})
         self.registry.prune(self.settings.keep_versions)
         self._lap("publish")
         return {"result": "published", "version": version, "candidate": candidate, "previous": current}
