@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.test-tools
 APPLIANCE := $(VENV)/app/bin/appliance
 
-.PHONY: demo test install browser bench clean image image-test
+.PHONY: demo test install browser bench clean image image-test multinode-test
 
 $(STAMP): pyproject.toml requirements/app.lock requirements/studio.lock requirements/studio.txt scripts/install.sh
 	scripts/install.sh $(abspath $(VENV)) --editable

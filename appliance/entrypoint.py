@@ -18,6 +18,7 @@ from appliance import gpu, orphans, samples, studio, template, volume
 from appliance.programs import process_env
 from appliance.secrets import ensure_secrets
 from appliance.settings import ConfigError, Settings, load_settings
+from appliance.shared.lock import bootstrap_turn
 
 SUPERVISORD_CONF = Path(__file__).parent / "supervisord.conf"
 
@@ -138,7 +139,8 @@ def prepare(settings: Settings) -> None:
     announce_credentials(settings, generated)
     check_ports(settings)
     if "studio" in settings.role_list:
-        result = studio.prepare_database(settings, process_env(settings))
+        with bootstrap_turn(settings):  # replicas starting together on one PostgreSQL migrate it one at a time
+            result = studio.prepare_database(settings, process_env(settings))
         say("database: " + ", ".join(f"{k}={v}" for k, v in result.items()))
         if settings.sample_images:
             copied = samples.copy_samples(settings.images)

@@ -133,8 +133,15 @@ def render(report: dict[str, Any], settings: Settings | None = None) -> str:
     return "\n".join(lines)
 
 
+def down(report: dict[str, Any]) -> bool:
+    """supervisord is not running or not answering, or gave up restarting one of this node's programs (FATAL): what
+    a liveness probe (a Kubernetes pod running one role) must restart the container for."""
+    procs = report["processes"]
+    return isinstance(procs, str) or any(p["state"] == "FATAL" for p in procs)
+
+
 def main(settings: Settings, as_json: bool) -> int:
-    """Prints the report; exit code 1 when the appliance is down (supervisord not running or not answering)."""
+    """Prints the report; exit code 1 when the appliance is down (see ``down``)."""
     report = collect(settings)
     print(json.dumps(report, indent=2) if as_json else render(report, settings))
-    return 1 if isinstance(report["processes"], str) else 0
+    return 1 if down(report) else 0

@@ -119,3 +119,13 @@ def test_the_examples_placeholders_never_start_an_appliance(tmp_path):
     with pytest.raises(ConfigError) as caught:
         load_settings({**example, "APPLIANCE_DATA_DIR": str(tmp_path)})
     assert "CHANGE-ME" in caught.value.line and caught.value.line.split()[2] in example
+
+
+def test_the_trainers_liveness_command_fails_when_a_program_gave_up():
+    from appliance.status import down
+
+    running = [{"name": "train", "state": "RUNNING", "pid": 7, "uptime": "1:00"},
+               {"name": "bootstrap", "state": "EXITED", "pid": 0, "uptime": ""}]
+    assert not down({"processes": running})
+    assert down({"processes": [*running[:1], {"name": "sam", "state": "FATAL", "pid": 0, "uptime": "Exited too quickly"}]})
+    assert down({"processes": "supervisord is not running (no socket at /data/run/supervisor.sock)"})

@@ -68,6 +68,10 @@ class ModelRegistry:
                 f"unknown model version {version!r}; known: {self._names() or 'none'}")
         return path
 
+    def pull(self, force: bool = False) -> str | None:
+        """Follow the registry other machines publish to: see appliance.shared.registry. Here: nothing to follow."""
+        return None
+
     # --- writers (locked) -----------------------------------------------------------
     def publish(self, src_dir: Path, metrics: dict | None = None, make_current: bool = True) -> str:
         """Copy a trained model dir in as a new version; return its name."""

@@ -7,7 +7,8 @@
   it has not been renewed for APPLIANCE_TRAINER_LEASE_SECONDS.
 - Else (one machine): an fcntl lock on the registry folder.
 
-``bootstrap_turn`` makes Label Studio replicas on one PostgreSQL database bootstrap one after the other.
+``bootstrap_turn`` makes Label Studio replicas on one PostgreSQL database migrate it and bootstrap one after the
+other.
 """
 
 from __future__ import annotations
@@ -69,8 +70,8 @@ def _connect(settings: Settings, name: str):
 
 @contextmanager
 def bootstrap_turn(settings: Settings) -> Iterator[None]:
-    """Label Studio replicas on one PostgreSQL database bootstrap one at a time: the first creates the project, the
-    others find it by its title instead of racing to create a second one."""
+    """Label Studio replicas on one PostgreSQL database migrate it and bootstrap one at a time: the first creates the
+    tables and the project, the others find them instead of racing to create them twice."""
     if not settings.database_url:
         yield
         return

@@ -122,9 +122,11 @@ class Trainer:
                 self.status.update(busy_at=time.time())
                 return {"result": "busy"}
             self.status.update(busy_since=None)
+            self.registry.pull(force=True)  # what another machine published while this one waited
             if self.settings.shared_state and not requests and self._covered_by_serving():
                 self.watcher.mark(self.settings.journal_dir)
                 log.info("the serving model was trained on these annotations already (by another trainer)")
+                self.status.update(up_to_date_at=time.time())
                 return {"result": "up to date"}
             for path in requests:
                 path.unlink(missing_ok=True)
