@@ -76,7 +76,10 @@ def bootstrap_turn(settings: Settings) -> Iterator[None]:
         yield
         return
     with _connect(settings, "appliance-bootstrap") as conn:
-        conn.execute("SELECT pg_advisory_lock(%s)", (BOOTSTRAP_KEY,))
+        # Tries, not a waiting pg_advisory_lock: a statement waiting that long would hold up the other replica's
+        # CREATE INDEX CONCURRENTLY (it waits for every open transaction), which holds the lock: a deadlock.
+        while not conn.execute("SELECT pg_try_advisory_lock(%s)", (BOOTSTRAP_KEY,)).fetchone()[0]:
+            time.sleep(1)
         try:
             yield
         finally:
