@@ -16,7 +16,7 @@ import pytest
 
 from appliance.settings import load_settings
 from appliance.shared.lock import training_lock
-from harness import ROOT, Appliance, appliance_env, postgres_database
+from harness import ROOT, Appliance, appliance_env, postgres_database, psql
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ import sys, time
 from appliance.settings import load_settings
 from appliance.shared.lock import training_lock
 with training_lock(load_settings()) as held:
-    print(held, flush=True)
+    print(bool(held), flush=True)
     time.sleep(600)
 """
 
@@ -100,3 +100,14 @@ def test_replicas_on_one_database_bootstrap_one_at_a_time(database, tmp_path):
         order.append("first out")
     thread.join(20)
     assert order == ["first out", "second in"]
+
+
+def test_a_trainer_whose_database_session_ended_knows_it_lost_the_lock(database, tmp_path):
+    settings = load_settings({"APPLIANCE_DATA_DIR": str(tmp_path), "APPLIANCE_DATABASE_URL": database})
+    with training_lock(settings) as hold:
+        assert hold and hold.still_held()
+        # The database restarted, or an admin ended the session: PostgreSQL freed the lock with it.
+        psql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'appliance-trainer'")
+        assert not hold.still_held()
+    with training_lock(settings) as hold:
+        assert hold  # free for the next run

@@ -128,12 +128,15 @@ def test_a_crashed_trainers_lease_is_taken_over_and_its_late_renewal_refused(tmp
     assert not GcsLease(settings).acquire()
     time.sleep(5.5)
     with gcs_lease(settings) as held:
-        assert held
+        assert held and held.still_held()
         stop = threading.Event()
         threading.Timer(3, stop.set).start()
         crashed.keep(stop)  # the crashed one comes back and tries to renew: its generation is stale
-        assert crashed.lost.is_set()
+        assert crashed.lost.is_set() and not crashed.renew()  # so its run would not publish
         assert not GcsLease(settings).acquire()  # the new holder keeps it
+        assert held.still_held()
+        emulator[1].bucket(BUCKET).blob(f"{prefix}/locks/training").upload_from_string("{}")  # taken from us
+        assert not held.still_held()
 
 
 def test_a_shared_state_setting_is_checked_in_one_line():

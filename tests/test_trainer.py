@@ -47,7 +47,7 @@ def test_one_run_at_a_time(tmp_path):
     thread.start()
     inside.wait(10)
     with training_lock(settings) as acquired:
-        second.append(acquired)
+        second.append(bool(acquired))
     release.set()
     thread.join()
     assert second == [False]

@@ -83,10 +83,25 @@ def test_repredict_runs_after_the_lock_is_released(tmp_path):
 
     def repredict(version):
         with training_lock(settings) as free:  # another run could start now
-            seen.append((version, free))
+            seen.append((version, bool(free)))
         return 3
 
     trainer._repredict = repredict
     request_run(settings, "manual")
     outcome = trainer.tick()
     assert seen == [("v9", True)] and outcome["repredicted"] == 3
+
+
+def test_a_run_that_lost_the_training_lock_does_not_publish(tmp_path):
+    from appliance.shared.lock import Hold
+
+    settings = settings_for(tmp_path)
+    registry = ModelRegistry(settings.models_dir)
+    serving = random_model(settings.models_dir, LABELS)
+    trainer = Trainer(settings)
+    trainer.started_from = serving
+    trainer.hold = Hold(True, lambda: False)  # e.g. the database session ended mid-run: another run may be going
+    outcome = trainer._decide(tmp_path / "candidate", {"candidate": {"segm_mAP": 0.9, "bbox_mAP": 0.9},
+                                                       "current": {"segm_mAP": 0.1, "bbox_mAP": 0.1}}, None)
+    assert outcome["result"] == "rejected" and "training lock was lost" in outcome["why"], outcome
+    assert registry.current().version == serving and len(registry.list()) == 1

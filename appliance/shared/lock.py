@@ -22,7 +22,7 @@ import time
 import uuid
 import zlib
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 from appliance.settings import Settings
 
@@ -32,9 +32,28 @@ BOOTSTRAP_KEY = zlib.crc32(b"labeling-appliance bootstrap") - 2**31
 LEASE_OBJECT = "locks/training"
 
 
+class Hold:
+    """What ``training_lock`` yields: true when this process got the lock (false at once when another holds it);
+    ``still_held()`` asks again, just before a run publishes: a dropped database connection or a lease taken over
+    by another trainer means another run may have started meanwhile."""
+
+    def __init__(self, held: bool, check: Callable[[], bool] = lambda: True):
+        self.held = held
+        self._check = check
+
+    def __bool__(self) -> bool:
+        return self.held
+
+    def still_held(self) -> bool:
+        try:
+            return self.held and bool(self._check())
+        except Exception:  # the database or GCS cannot say: count it as lost
+            return False
+
+
 @contextmanager
-def training_lock(settings: Settings) -> Iterator[bool]:
-    """Yields True while this process holds the lock, False (at once) when another holds it."""
+def training_lock(settings: Settings) -> Iterator[Hold]:
+    """Yields a Hold: true while this process holds the lock, false (at once) when another holds it."""
     if settings.database_url:
         lock = postgres_lock
     elif settings.shared_state:
@@ -52,10 +71,10 @@ def file_lock(settings: Settings) -> Iterator[bool]:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            yield False
+            yield Hold(False)
             return
         try:
-            yield True
+            yield Hold(True)
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
@@ -91,9 +110,10 @@ def postgres_lock(settings: Settings) -> Iterator[bool]:
     with _connect(settings, "appliance-trainer") as conn:
         held = conn.execute("SELECT pg_try_advisory_lock(%s)", (LOCK_KEY,)).fetchone()[0]
         try:
-            yield bool(held)
+            # The session still answers: its lock is still held (PostgreSQL frees it only when the session ends).
+            yield Hold(bool(held), lambda: conn.execute("SELECT 1").fetchone()[0] == 1)
         finally:
-            if held:
+            if held and not conn.closed:
                 conn.execute("SELECT pg_advisory_unlock(%s)", (LOCK_KEY,))
 
 
@@ -138,6 +158,19 @@ class GcsLease:
                     time.time() - float(other.get("renewed", 0)))
         return True
 
+    def renew(self) -> bool:
+        """Renew now; False when another trainer took the lease over."""
+        from google.api_core import exceptions as api
+
+        if self.lost.is_set():
+            return False
+        try:
+            self._write(self.generation)
+        except api.PreconditionFailed:
+            self.lost.set()
+            return False
+        return True
+
     def keep(self, stop: threading.Event) -> None:
         from google.api_core import exceptions as api
 
@@ -164,13 +197,13 @@ class GcsLease:
 def gcs_lease(settings: Settings) -> Iterator[bool]:
     lease = GcsLease(settings)
     if not lease.acquire():
-        yield False
+        yield Hold(False)
         return
     stop = threading.Event()
     keeper = threading.Thread(target=lease.keep, args=(stop,), name="training-lease", daemon=True)
     keeper.start()
     try:
-        yield True
+        yield Hold(True, lease.renew)
     finally:
         stop.set()
         keeper.join(10)

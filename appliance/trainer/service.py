@@ -25,7 +25,7 @@ from appliance.trainer import init, journal
 from appliance.trainer.schedule import Schedule
 from appliance.trainer.status import StatusFile
 from appliance.settings import Settings
-from appliance.shared.lock import training_lock
+from appliance.shared.lock import Hold, training_lock
 
 log = logging.getLogger("trainer")
 
@@ -61,6 +61,7 @@ class Trainer:
         self.timings: dict[str, float] = {}
         self.started_from: str | None = None  # the version serving when the current run began
         self.journal_until: float | None = None  # the newest journal file the current run trains on
+        self.hold = Hold(True)  # the training lock of the current run
         self.retry_at: float | None = None  # a run that failed on a full disk is tried again from then
         self.retry_wait = DISK_RETRY_S[0]
         self._last_lap = time.monotonic()
@@ -114,8 +115,9 @@ class Trainer:
         self._last_lap = now
 
     def run(self, reason: str, waited: float | None = None, requests: list[Path] = ()) -> dict:
-        with training_lock(self.settings) as acquired:
-            if not acquired:  # the requests stay on disk: they are served when the other run is done
+        with training_lock(self.settings) as hold:
+            self.hold = hold
+            if not hold:  # the requests stay on disk: they are served when the other run is done
                 if not self.status.read().get("busy_since"):
                     log.info("a training run is already in progress elsewhere; %s waits", reason)
                     self.status.update(busy_since=time.time())
@@ -283,6 +285,10 @@ class Trainer:
                     "why": f"the serving model changed during the run ({self.started_from} -> "
                            f"{now.version if now else None}, by `appliance model use` or `import`); not published "
                            "over that choice"}
+        if not self.hold.still_held():
+            return {"result": "rejected", "candidate": candidate, "serving": current,
+                    "why": "the training lock was lost during the run (its database session ended, or another trainer "
+                           "took the lease over); not published, another run may have started"}
         self.status.update(stage="publish")
         version = self.registry.publish(model_dir, {**(candidate or {}), "baseline": current,
                                                     "journal_until": self.journal_until, **datasets.summary()})
