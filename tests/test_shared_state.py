@@ -146,3 +146,28 @@ def test_a_shared_state_setting_is_checked_in_one_line():
         with pytest.raises(ConfigError) as caught:
             load_settings({"APPLIANCE_SHARED_STATE": value, "APPLIANCE_DATA_DIR": os.devnull + "x"})
         assert "APPLIANCE_SHARED_STATE" in caught.value.line and expected in caught.value.line
+
+
+def test_an_embedding_computed_on_one_machine_is_read_on_another(tmp_path, emulator, prefix):
+    import numpy as np
+
+    from appliance.models.sam.store import EmbeddingStore
+    from appliance.shared.embeddings import shared_embeddings
+
+    sam_node, trainer_node = (node(tmp_path, emulator, prefix, name) for name in ("sam", "trainer"))
+    sam = EmbeddingStore(sam_node.embeddings_dir, 64 << 20, remote=shared_embeddings(sam_node))
+    trainer = EmbeddingStore(trainer_node.embeddings_dir, 64 << 20, remote=shared_embeddings(trainer_node))
+    embedding = np.random.default_rng(0).standard_normal((256, 64, 64)).astype(np.float32)
+    assert trainer.get("k" * 16) is None  # nobody computed it yet
+    sam.put("k" * 16, embedding)
+    sam.remote.flush()
+    assert np.array_equal(trainer.get("k" * 16), embedding)  # fetched, not recomputed
+    assert "k" * 16 in trainer and trainer.stats()["files"] == 1  # and kept in the node's own store
+    names = [b.name for b in emulator[1].bucket(BUCKET).list_blobs(prefix=f"{prefix}/embeddings/")]
+    assert names == [f"{prefix}/embeddings/vit_t-{'k' * 16}.npy"]
+    sam.put("k" * 16, embedding)  # written once: a second machine's identical upload is a no-op
+    sam.remote.flush()
+    cut_off = EmbeddingStore(tmp_path / "cut", 64 << 20, remote=shared_embeddings(
+        node(tmp_path, emulator, prefix, "x", STORAGE_EMULATOR_HOST="http://127.0.0.1:9")))
+    assert cut_off.get("k" * 16) is None and cut_off.remote.error  # a miss (encode locally), said once in the log
+    assert not list((tmp_path / "cut").glob("*"))  # no half file left behind

@@ -28,6 +28,7 @@ from appliance.models.sam.engine import Embedding, PromptError, SamEngine
 from appliance.models.sam.objects import Click, ObjectSegmenter
 from appliance.models.sam.store import EmbeddingStore
 from appliance.settings import Settings
+from appliance.shared.embeddings import shared_embeddings
 
 log = logging.getLogger("sam")
 
@@ -50,7 +51,8 @@ class SamBackend(Backend):
         self.cache = EmbeddingCache(settings.sam_cache_mb * 1024 * 1024)
         # On disk, shared: the trainer and the prediction backend read the embeddings computed here.
         self.store = EmbeddingStore(settings.embeddings_dir, settings.embedding_store_mb * 1024 * 1024,
-                                    settings.sam_model_type) if settings.embedding_store_mb > 0 else None
+                                    settings.sam_model_type, remote=shared_embeddings(settings)
+                                    ) if settings.embedding_store_mb > 0 else None
         self.fetcher = ImageFetcher.from_settings(settings)
         self._url_keys = UrlMemo(URL_MEMO_ENTRIES, URL_MEMO_SECONDS)
         self.prefetcher = Prefetcher(settings, self.warm)

@@ -9,6 +9,8 @@ image's bytes (``cache.content_key``) and the SAM model type (two SAM types give
 - The folder is bounded in bytes: after a write, the least recently used files (by mtime, which a read refreshes)
   are deleted until the total fits. A file deleted under a reader is simply a miss.
 - Nothing here is authoritative: the folder is a cache, safe to delete at any time.
+- With ``remote`` (appliance.shared.embeddings, when the roles run on several machines) a miss is looked up there
+  before it counts, and every embedding written here is shared there too.
 """
 
 from __future__ import annotations
@@ -28,9 +30,10 @@ _KEY = re.compile(r"^[A-Za-z0-9_.-]{8,128}$")
 
 
 class EmbeddingStore:
-    def __init__(self, root: Path | str, max_bytes: int, model_type: str = "vit_t") -> None:
+    def __init__(self, root: Path | str, max_bytes: int, model_type: str = "vit_t", remote=None) -> None:
         if max_bytes < 0:
             raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+        self.remote = remote  # fetch(name, dest) -> bool, upload(name, bytes): the machines' shared tier
         self.root = Path(root)
         self.max_bytes = max_bytes
         self.model_type = model_type
@@ -44,6 +47,8 @@ class EmbeddingStore:
     def get(self, key: str) -> np.ndarray | None:
         """The stored 256xHxW float32 embedding of ``key``, or None."""
         path = self.path(key)
+        if self.remote is not None and not path.is_file():
+            self._fetch(path)
         try:
             array = np.load(path, allow_pickle=False)
         except (FileNotFoundError, ValueError, OSError, EOFError):
@@ -72,11 +77,25 @@ class EmbeddingStore:
         try:
             with os.fdopen(fd, "wb") as handle:
                 np.save(handle, array, allow_pickle=False)
+            if self.remote is not None:
+                self.remote.upload(path.name, Path(tmp).read_bytes())
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
         self.trim(keep=path)
+
+    def _fetch(self, path: Path) -> None:
+        """The shared tier's copy, written in whole (temporary file, then rename) and trimmed like a put."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{path.stem}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            if self.remote.fetch(path.name, Path(tmp)):
+                os.replace(tmp, path)
+                self.trim(keep=path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
 
     def trim(self, keep: Path | None = None) -> int:
         """Delete the least recently used files until the folder holds at most ``max_bytes``; returns how many.

@@ -35,8 +35,11 @@ class LoadSamEmbedding(BaseTransform):
                  checkpoint: str | None = None) -> None:
         self.store_dir, self.store_mb = store_dir, store_mb
         self.model_type, self.checkpoint = model_type, checkpoint
-        self._store = (EmbeddingStore(store_dir, store_mb * 1024 * 1024, model_type)
-                       if store_dir and store_mb > 0 else None)
+        self._store = None
+        if store_dir and store_mb > 0:
+            from appliance.shared.embeddings import from_environment  # the machines' shared tier, when set
+
+            self._store = EmbeddingStore(store_dir, store_mb * 1024 * 1024, model_type, remote=from_environment())
 
     def transform(self, results: dict) -> dict:
         key = results.get("content_key")
