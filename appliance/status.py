@@ -71,9 +71,27 @@ def devices(settings: Settings) -> dict[str, Any]:
     return info
 
 
+def shared_state(settings: Settings) -> dict[str, Any] | None:
+    """With the roles on several machines: the shared registry's version and this node's, and the training lock."""
+    if not settings.shared_state:
+        return None
+    from appliance.shared.registry import UNREACHABLE, open_registry
+
+    registry = open_registry(settings)
+    here = registry.versions_dir.parent / "current"
+    info: dict[str, Any] = {"url": settings.shared_state, "this_node": here.resolve().name if here.exists() else None,
+                            "training_lock": "PostgreSQL advisory lock" if settings.database_url else "GCS lease"}
+    try:
+        info["current"] = registry.remote_current()
+    except UNREACHABLE as error:
+        info["current"] = None
+        info["error"] = f"unreachable: {type(error).__name__}"
+    return info
+
+
 def collect(settings: Settings) -> dict[str, Any]:
     return {"processes": processes(settings), "project": project(settings), "serving_model": serving_model(settings),
-            "trainer": trainer(settings), "devices": devices(settings)}
+            "trainer": trainer(settings), "devices": devices(settings), "shared": shared_state(settings)}
 
 
 def waiting_for(run: dict[str, Any], settings: Settings | None) -> str:
@@ -124,6 +142,11 @@ def render(report: dict[str, Any], settings: Settings | None = None) -> str:
     lines.append(f"  {model}" if isinstance(model, str) else
                  f"  {model['model_version']}" + (f" ({model['message']})" if model.get("message") else ""))
     lines += render_trainer(report["trainer"], settings)
+    shared = report.get("shared")
+    if shared:
+        lines += ["Shared state:", f"  {shared['url']}: " + (shared.get("error") or
+                  f"models/current = {shared['current'] or 'none yet'} (this node: {shared['this_node'] or 'none'})"),
+                  f"  training lock: {shared['training_lock']}"]
     if "devices" in report:
         from appliance.gpu import summary
 

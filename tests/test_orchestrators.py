@@ -108,6 +108,8 @@ def test_secrets_come_from_a_secret_and_every_name_is_a_setting():
     compose = yaml.safe_load(COMPOSE.read_text())
     for name in ("studio", "sam", "predict", "trainer"):
         assert set(compose["services"][name]["environment"]) <= known
+    # Label Studio admits the backends' addresses as resolved at its start: they must exist by then.
+    assert {"postgres", "sam", "predict"} <= set(compose["services"]["studio"]["depends_on"])
     example = dict(line.split("=", 1) for line in EXAMPLE_ENV.read_text().splitlines()
                    if line and not line.startswith("#"))
     assert set(example) <= known and SECRETS - {"APPLIANCE_GCS_CREDENTIALS_JSON"} <= set(example)

@@ -171,3 +171,18 @@ def test_an_embedding_computed_on_one_machine_is_read_on_another(tmp_path, emula
         node(tmp_path, emulator, prefix, "x", STORAGE_EMULATOR_HOST="http://127.0.0.1:9")))
     assert cut_off.get("k" * 16) is None and cut_off.remote.error  # a miss (encode locally), said once in the log
     assert not list((tmp_path / "cut").glob("*"))  # no half file left behind
+
+
+def test_status_shows_the_shared_registry_and_the_lock(tmp_path, emulator, prefix):
+    from appliance.status import render, shared_state
+
+    trainer_node, predictor_node = (node(tmp_path, emulator, prefix, n) for n in ("trainer", "predictor"))
+    version = open_registry(trainer_node).publish(model_dir(tmp_path, "a"))
+    info = shared_state(predictor_node)
+    assert info["current"] == version and info["this_node"] is None and info["training_lock"] == "GCS lease"
+    open_registry(predictor_node).pull(force=True)
+    assert shared_state(predictor_node)["this_node"] == version
+    text = render({"processes": "supervisord is not running", "project": "not bootstrapped yet",
+                   "serving_model": "prediction backend does not answer", "trainer": {},
+                   "shared": shared_state(predictor_node)}, predictor_node)
+    assert f"models/current = {version} (this node: {version})" in text and "training lock: GCS lease" in text
