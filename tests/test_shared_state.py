@@ -83,6 +83,11 @@ def test_an_unreachable_shared_registry_keeps_the_node_serving(tmp_path, emulato
         tmp_path, emulator, prefix, "x", STORAGE_EMULATOR_HOST="http://127.0.0.1:9")).shared, 1)
     assert cut_off.pull(force=True) is None and "unreachable" in cut_off.error
     assert cut_off.current().version == version
+    # A pointer to a version that is not there whole (a hand-edited bucket): logged, and the node keeps serving.
+    emulator[1].bucket(BUCKET).blob(f"{prefix}/models/versions/v0009-20261130T000000/config.py").upload_from_string("x")
+    emulator[1].bucket(BUCKET).blob(f"{prefix}/models/current").upload_from_string("v0009-20261130T000000")
+    assert predictor.pull(force=True) is None and "lacks" in predictor.error
+    assert predictor.current().version == version
 
 
 def test_the_journal_is_mirrored_into_the_trainers_folder(tmp_path, emulator, prefix):

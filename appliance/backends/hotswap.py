@@ -60,7 +60,10 @@ class ModelSlot:
 
     def _run(self) -> None:
         while True:
-            self.refresh()
+            try:
+                self.refresh()
+            except Exception as error:  # e.g. the registry folder unreadable for a moment: never end the swapping
+                log.error("checking the registry failed: %s; trying again", error)
             self._wake.wait(self.poll_seconds)
             self._wake.clear()
 

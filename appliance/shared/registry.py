@@ -74,6 +74,10 @@ class SharedRegistry(ModelRegistry):
                 self.error = f"shared registry {self.shared.url} unreachable: {_short(error)}"
                 log.warning("%s; keeping this node's current version", self.error)
                 return None
+            except UnknownVersionError as error:  # a pointer to an incomplete version: someone's manual edit
+                self.error = str(error)
+                log.error("%s; keeping this node's current version", error)
+                return None
             self.error = None
             return name
 
