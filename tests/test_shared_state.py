@@ -191,3 +191,17 @@ def test_status_shows_the_shared_registry_and_the_lock(tmp_path, emulator, prefi
                    "serving_model": "prediction backend does not answer", "trainer": {},
                    "shared": shared_state(predictor_node)}, predictor_node)
     assert f"models/current = {version} (this node: {version})" in text and "training lock: GCS lease" in text
+
+
+def test_a_one_machine_appliance_moves_its_model_onto_shared_state(tmp_path, emulator, prefix):
+    from appliance.models.registry import ModelRegistry
+
+    settings = node(tmp_path, emulator, prefix, "old")
+    version = ModelRegistry(settings.models_dir).publish(model_dir(tmp_path, "a"))  # before shared state was set
+    registry = open_registry(settings)
+    assert registry.remote_current() is None and registry.current().version == version  # nothing to follow yet
+    registry.use(version)  # `appliance model use <its current version>`
+    newcomer = open_registry(node(tmp_path, emulator, prefix, "new"))
+    newcomer.pull(force=True)
+    assert newcomer.current().version == version
+    assert (newcomer.current().path / "config.py").read_text() == "a:config.py"
