@@ -65,7 +65,7 @@ def training_lock(settings: Settings) -> Iterator[Hold]:
 
 
 @contextmanager
-def file_lock(settings: Settings) -> Iterator[bool]:
+def file_lock(settings: Settings) -> Iterator[Hold]:
     settings.models_dir.mkdir(parents=True, exist_ok=True)
     with open(settings.models_dir / ".train.lock", "w") as handle:
         try:
@@ -106,7 +106,9 @@ def bootstrap_turn(settings: Settings) -> Iterator[None]:
 
 
 @contextmanager
-def postgres_lock(settings: Settings) -> Iterator[bool]:
+def postgres_lock(settings: Settings) -> Iterator[Hold]:
+    import psycopg
+
     with _connect(settings, "appliance-trainer") as conn:
         held = conn.execute("SELECT pg_try_advisory_lock(%s)", (LOCK_KEY,)).fetchone()[0]
         try:
@@ -114,7 +116,10 @@ def postgres_lock(settings: Settings) -> Iterator[bool]:
             yield Hold(bool(held), lambda: conn.execute("SELECT 1").fetchone()[0] == 1)
         finally:
             if held and not conn.closed:
-                conn.execute("SELECT pg_advisory_unlock(%s)", (LOCK_KEY,))
+                try:
+                    conn.execute("SELECT pg_advisory_unlock(%s)", (LOCK_KEY,))
+                except psycopg.Error:
+                    pass  # the session is gone, and the lock with it
 
 
 class GcsLease:
@@ -194,7 +199,7 @@ class GcsLease:
 
 
 @contextmanager
-def gcs_lease(settings: Settings) -> Iterator[bool]:
+def gcs_lease(settings: Settings) -> Iterator[Hold]:
     lease = GcsLease(settings)
     if not lease.acquire():
         yield Hold(False)
