@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 
@@ -95,8 +96,19 @@ def _model(args) -> None:
     if not versions:
         print("no model versions yet: the trainer publishes one after enough annotations")
     for info in versions:
-        metrics = ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in info.metrics.items())
-        print(f"{'*' if info.is_current else ' '} {info.version}  {info.created:%Y-%m-%d %H:%M}  {metrics}")
+        print(f"{'*' if info.is_current else ' '} {info.version}  {info.created:%Y-%m-%d %H:%M}  "
+              f"{_version_figures(info.metrics)}")
+
+
+def _version_figures(metrics: dict) -> str:
+    """What a version saves on held-out, its thresholds and its plain figures (AP, image counts)."""
+    from appliance.models.detection.cost import saving
+
+    plain = ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
+                      if isinstance(v, (int, float, str)) and k != "journal_until")
+    thresholds = metrics.get("thresholds")
+    parts = [saving(metrics), f"thresholds {json.dumps(thresholds)}" if thresholds else None, plain]
+    return "; ".join(p for p in parts if p)
 
 
 def _predict(args) -> None:

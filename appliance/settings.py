@@ -157,7 +157,9 @@ class Settings(BaseSettings):
     detector_classes: str = Field("coco", validation_alias=_env("APPLIANCE_DETECTOR_CLASSES"),
                                   description="Classes of APPLIANCE_DETECTOR_WEIGHTS: coco, or a comma list.")
     score_threshold: float = Field(0.3, ge=0, le=1, validation_alias=_env("APPLIANCE_SCORE_THRESHOLD"),
-                                   description="Detections below this score are not pre-annotated.")
+                                   description="Score threshold for versions without their own (imported or "
+                                               "pretrained weights); each trained version serves the thresholds the "
+                                               "trainer chose by annotator cost on held-out tasks.")
     predict_batch: int = Field(4, ge=1, le=256, validation_alias=_env("APPLIANCE_PREDICT_BATCH"),
                                description="Images per model call when pre-annotating.")
     label_map: str = Field("", validation_alias=_env("APPLIANCE_LABEL_MAP"),

@@ -49,7 +49,7 @@ def serving_model(settings: Settings) -> dict[str, Any] | str:
     except (requests.RequestException, ValueError) as error:
         return f"prediction backend does not answer: {type(error).__name__}"
     return {"model_version": health.get("model_version"), "ready": health.get("ready"),
-            "message": health.get("message")}
+            "message": health.get("message"), "saving": health.get("saving"), "thresholds": health.get("thresholds")}
 
 
 def trainer(settings: Settings) -> dict[str, Any]:
@@ -140,7 +140,8 @@ def render(report: dict[str, Any], settings: Settings | None = None) -> str:
     model = report["serving_model"]
     lines.append("Serving model:")
     lines.append(f"  {model}" if isinstance(model, str) else
-                 f"  {model['model_version']}" + (f" ({model['message']})" if model.get("message") else ""))
+                 f"  {model['model_version']}" + (f" ({model['message']})" if model.get("message") else "")
+                 + (f": {model['saving']}" if model.get("saving") else ""))
     lines += render_trainer(report["trainer"], settings)
     shared = report.get("shared")
     if shared:

@@ -38,10 +38,16 @@ sys.path.insert(0, str(ROOT))
 DATA = ROOT.parent / "shared" / "data" / "nuclei"
 
 
-def load_nuclei(data: Path) -> tuple[dict, list[dict]]:
+def load(data: Path, label: str | None) -> tuple[dict, list[dict], str]:
+    """The set's photos holding ``label`` (default: its first category), in file order, with only that label's
+    objects (crowd regions left out, as COCO scores them); and the label."""
     coco = json.loads((data / "annotations.json").read_text())
-    images = sorted(coco["images"], key=lambda i: i["file_name"])
-    return coco, images
+    names = {c["id"]: c["name"] for c in coco["categories"]}
+    label = label or coco["categories"][0]["name"]
+    anns = [a for a in coco["annotations"] if names[a["category_id"]] == label and not a.get("iscrowd")]
+    holding = {a["image_id"] for a in anns}
+    images = sorted((i for i in coco["images"] if i["id"] in holding), key=lambda i: i["file_name"])
+    return {**coco, "annotations": anns}, images, label
 
 
 def subset(coco: dict, images: list[dict], out: Path, category: str) -> Path:
@@ -107,19 +113,19 @@ def score(detector, ann_file: Path, image_dir: Path, threshold: float) -> dict:
             "objects": len(gt.getAnnIds()), "predict_s": round(time.monotonic() - began, 1)}
 
 
-def run(arch: str, n: int, coco: dict, images: list[dict], work: Path, args) -> dict:
+def run(arch: str, n: int, coco: dict, images: list[dict], work: Path, args, label: str) -> dict:
     from appliance.models.detection.model import Detector
     from appliance.models.detection.train import train
 
     store = work / "embeddings" if arch == "sam-det" else None
     began = time.monotonic()
     train_dir = work / f"train-{n}"
-    subset(coco, images[:n], train_dir, "nucleus")
+    subset(coco, images[:n], train_dir, label)
     out = work / f"model-{arch}-{n}"
     shutil.rmtree(out, ignore_errors=True)
     epochs = args.sam_epochs if arch == "sam-det" else args.epochs
     trained_at = time.monotonic()
-    train(train_dir, ["nucleus"], out, arch=arch, epochs=epochs, batch_size=args.batch, threads=args.threads,
+    train(train_dir, [label], out, arch=arch, epochs=epochs, batch_size=args.batch, threads=args.threads,
           img_size=args.img_size, device="cpu", embedding_store=store)
     train_s = time.monotonic() - trained_at
     detector = Detector(out, device="cpu", score_threshold=args.score, embedding_store=store)
@@ -146,7 +152,9 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--ns", default="5,10,20")
     parser.add_argument("--archs", default="sam-det,rtmdet-ins-tiny")
-    parser.add_argument("--eval", default="21-65", help="1-based image range to pre-annotate and score")
+    parser.add_argument("--label", help="the class of a one-class project (default: the set's first category); "
+                                         "only the photos holding it are used")
+    parser.add_argument("--eval", default="21-", help="1-based photo range to pre-annotate and score (21-: to the end)")
     parser.add_argument("--eval-step", type=int, default=1, help="score every k-th image of the range only")
     parser.add_argument("--epochs", type=int, default=30, help="RTMDet epochs (APPLIANCE_TRAIN_EPOCHS)")
     parser.add_argument("--sam-epochs", type=int, default=30, help="sam-det epochs")
@@ -162,11 +170,11 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     DATA = args.data
-    coco, images = load_nuclei(DATA)
-    first, last = (int(v) for v in args.eval.split("-"))
+    coco, images, label = load(DATA, args.label)
+    first, last = (int(v) if v else len(images) for v in args.eval.split("-"))
     work = args.work or Path(tempfile.mkdtemp(prefix="learning-curve-"))
     evaluated = images[first - 1:last:args.eval_step]
-    subset(coco, evaluated, work / "eval", "nucleus")
+    subset(coco, evaluated, work / "eval", label)
     ns = [int(n) for n in args.ns.split(",")]
     rows = []
     for arch in args.archs.split(","):
@@ -175,12 +183,12 @@ def main() -> None:
             print(f"sam-det: embeddings of images 1-{max(ns)} (the SAM backend's clicks): {encode_s:.0f} s",
                   flush=True)
         for n in ns:
-            rows.append(run(arch, n, coco, images, work, args))
+            rows.append(run(arch, n, coco, images, work, args, label))
             print(json.dumps(rows[-1]), flush=True)
             if args.json:
                 args.json.write_text(json.dumps(rows, indent=1))
     step = f" (every {args.eval_step}th: {len(evaluated)} images)" if args.eval_step > 1 else ""
-    print(f"\nTrained on nuclei images 1-N, pre-annotated images {first}-{last}{step} "
+    print(f"\nTrained on {DATA.name} '{label}' photos 1-N, pre-annotated photos {first}-{last}{step} "
           f"({args.threads} CPU threads, in-process):\n")
     print(table(rows))
 

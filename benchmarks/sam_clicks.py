@@ -41,32 +41,15 @@ sys.path.insert(0, str(ROOT))
 from harness import Appliance, appliance_env  # noqa: E402
 from learning_curve_api import DATA, tasks_by_file, truth  # noqa: E402
 
+from appliance.models.sam.annotator import interior, iou, next_click  # noqa: E402
+
 TEMPLATE = ('<View><Image name="image" value="$image" zoom="true"/>'
             '<BrushLabels name="mask" toName="image"><Label value="Nucleus"/></BrushLabels>'
             '<KeyPointLabels name="point" toName="image" smart="true"><Label value="Nucleus" smart="true"/>'
             '</KeyPointLabels></View>')
 
 
-# --- the simulated annotator ----------------------------------------------------------------------
-def interior(region: np.ndarray) -> tuple[tuple[int, int], float]:
-    """The point of ``region`` farthest from its border, and that distance."""
-    padded = np.pad(region.astype(np.uint8), 1)
-    distance = cv2.distanceTransform(padded, cv2.DIST_L2, 5)[1:-1, 1:-1]
-    y, x = np.unravel_index(int(np.argmax(distance)), distance.shape)
-    return (int(x), int(y)), float(distance[y, x])
-
-
-def next_click(truth_mask: np.ndarray, predicted: np.ndarray) -> tuple[tuple[int, int], bool]:
-    """The centre of the larger error: missed (positive click) or added (negative click)."""
-    missed, missed_depth = interior(truth_mask & ~predicted)
-    added, added_depth = interior(predicted & ~truth_mask)
-    return (missed, True) if missed_depth >= added_depth else (added, False)
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    return float((a & b).sum() / max(1, (a | b).sum()))
-
-
+# --- the simulated annotator (appliance.models.sam.annotator) ------------------------------------
 def annotate(segment, truth_mask: np.ndarray, max_clicks: int) -> tuple[list[float], list[float]]:
     """IoU after each click and the seconds each click took; ``segment(clicks) -> mask``."""
     clicks = [(interior(truth_mask)[0], True)]

@@ -48,10 +48,10 @@ def serving(appliance) -> str:
     return requests.get(f"{url}/health", auth=auth, timeout=5).json()["model_version"]
 
 
-def publish(appliance, model_dir: Path, timeout: float = 120) -> str:
+def publish(appliance, model_dir: Path, timeout: float = 120, metrics: dict | None = None) -> str:
     from appliance.models.registry import ModelRegistry
 
-    version = ModelRegistry(appliance.data_dir / "models").publish(model_dir, {"segm_mAP": 0.0})
+    version = ModelRegistry(appliance.data_dir / "models").publish(model_dir, metrics or {"segm_mAP": 0.0})
     deadline = time.time() + timeout
     while serving(appliance) != version:
         assert time.time() < deadline, f"backend did not swap to {version}"
@@ -86,6 +86,29 @@ def test_predictions_are_stored_by_label_studio_with_mapped_labels(appliance, ti
     assert "rectanglelabels" in {r["type"] for r in result} <= {"brushlabels", "rectanglelabels"}
     assert all((decode_rle(r["value"]["rle"]) >= 128).any() for r in result if r["type"] == "brushlabels")
     assert 0 <= predictions[0]["score"] <= 1
+
+
+def scores(appliance, task: dict) -> list[float]:
+    """The region scores of the serving model's pre-annotation of ``task``, asked of the backend directly."""
+    url, auth = backend(appliance)
+    project = appliance.api("GET", f"/api/projects/{appliance.state()['project_id']}").json()
+    response = requests.post(f"{url}/predict", auth=auth, timeout=120,
+                             json={"tasks": [task], "label_config": project["label_config"]})
+    return [r["score"] for r in response.json()["results"][0]["result"]]
+
+
+def test_a_version_serves_the_thresholds_stored_with_it(appliance, tiny_models):
+    """The trainer stores the thresholds it chose beside a version; the backend applies exactly those (the session's
+    APPLIANCE_SCORE_THRESHOLD=0 only for versions without any)."""
+    publish(appliance, tiny_models[0])
+    task = project_tasks(appliance)[3]
+    everything = sorted(scores(appliance, task))
+    assert everything, "with APPLIANCE_SCORE_THRESHOLD=0 the tiny model pre-annotates something"
+    url, auth = backend(appliance)
+    for cut, expected in ((everything[-1] + 0.001, []), (everything[0], everything)):
+        publish(appliance, tiny_models[0], metrics={"segm_mAP": 0.0, "thresholds": {"circle": cut}})
+        assert requests.get(f"{url}/health", auth=auth, timeout=5).json()["thresholds"] == {"circle": cut}
+        assert sorted(scores(appliance, task)) == expected
 
 
 def test_corrupt_image_fails_only_its_task(appliance, tiny_models):

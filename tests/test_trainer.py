@@ -18,7 +18,7 @@ from appliance.settings import load_settings
 from appliance.trainer.build import Datasets
 from appliance.trainer.dataset import DatasetInfo
 from appliance.trainer.schedule import Schedule
-from appliance.trainer.service import Trainer, better, training_lock
+from appliance.trainer.service import Trainer, training_lock
 from synthetic import make_dataset
 
 LABELS = ["circle", "rectangle"]
@@ -51,14 +51,6 @@ def test_one_run_at_a_time(tmp_path):
     release.set()
     thread.join()
     assert second == [False]
-
-
-def test_better_is_strict():
-    assert better({"segm_mAP": 0.5, "bbox_mAP": 0.4}, {"segm_mAP": 0.4, "bbox_mAP": 0.9})
-    assert not better({"segm_mAP": 0.4, "bbox_mAP": 0.4}, {"segm_mAP": 0.4, "bbox_mAP": 0.4})
-    assert not better({"segm_mAP": 0.1, "bbox_mAP": 0.1}, {"segm_mAP": 0.4, "bbox_mAP": 0.4})
-    assert better({"segm_mAP": 0.0, "bbox_mAP": 0.0}, None)
-    assert not better(None, {"segm_mAP": 0.4})
 
 
 EPOCHS = 30
@@ -113,18 +105,50 @@ def test_first_model_is_published_with_its_metrics_and_progress(first_run):
     assert outcome["result"] == "published", outcome
     current = ModelRegistry(data / "models").current()
     assert current.version == outcome["version"]
-    assert {"segm_mAP", "bbox_mAP", "segm_AP50", "train_images"} <= set(current.metrics)
-    assert current.metrics["segm_AP50"] > 0  # the first model must find something on the held-out images
+    assert {"segm_mAP", "bbox_mAP", "segm_AP50", "train_images", "thresholds", "cost"} <= set(current.metrics)
+    # Published because its pre-annotations save the annotator actions on the held-out shapes, with the thresholds
+    # that cost least stored beside it.
+    spent = current.metrics["cost"]
+    assert spent["photos"] == 4 and spent["actions"] < spent["sam_only"] and spent["kept"] > 0
+    assert set(current.metrics["thresholds"]) <= set(LABELS) and current.metrics["thresholds"]
+    assert outcome["why"].startswith("saves ")
     assert status["state"] == "idle" and status["last"]["result"] == "published"
     assert status["max_epochs"] == EPOCHS and status["loss"] is not None and status["eta_s"] is not None
 
 
-def test_first_model_that_finds_nothing_is_not_published_and_the_status_says_why(tmp_path, shapes):
+def test_first_model_that_saves_nothing_is_not_published_and_the_status_says_why(tmp_path, shapes):
     # RTMDet from scratch, one epoch at the recipe's learning rate for a batch of 4: it finds nothing yet.
     trainer = trainer_for(tmp_path, synthetic_build(*shapes), APPLIANCE_TRAIN_ARCH="rtmdet-ins-tiny",
                           APPLIANCE_TRAIN_EPOCHS="1")
     outcome = trainer.run("first")
-    assert outcome["result"] == "rejected" and "found nothing on the held-out tasks" in outcome["why"], outcome
+    assert outcome["result"] == "rejected" and "would cost more than it saves" in outcome["why"], outcome
+    assert ModelRegistry(tmp_path / "models").current() is None
+    assert trainer.status.read()["last"]["why"] == outcome["why"]
+
+
+def junk(train: Path, out: Path) -> Path:
+    """The training shapes with every label moved off its object onto empty background: a real model trained on
+    it detects junk."""
+    shutil.copytree(train, out)
+    coco = json.loads((out / "annotations.json").read_text())
+    for annotation in coco["annotations"]:
+        image = next(i for i in coco["images"] if i["id"] == annotation["image_id"])
+        x, y, w, h = annotation["bbox"]
+        x, y = (x + image["width"] / 2) % (image["width"] - w), (y + image["height"] / 2) % (image["height"] - h)
+        annotation["bbox"] = [x, y, w, h]
+        annotation["segmentation"] = [[x, y, x + w, y, x + w, y + h, x, y + h]]
+        annotation["area"] = w * h
+    (out / "annotations.json").write_text(json.dumps(coco))
+    return out
+
+
+def test_a_model_trained_on_wrong_boxes_is_not_published_and_the_status_says_it_costs_more(tmp_path, shapes,
+                                                                                          embeddings):
+    trainer = trainer_for(tmp_path, synthetic_build(junk(shapes[0], tmp_path / "junk"), shapes[1]), embeddings)
+    outcome = trainer.run("junk")
+    assert outcome["result"] == "rejected" and "would cost more than it saves" in outcome["why"], outcome
+    spent = outcome["candidate"]["cost"]
+    assert spent["kept"] == 0 and spent["actions"] >= spent["sam_only"]
     assert ModelRegistry(tmp_path / "models").current() is None
     assert trainer.status.read()["last"]["why"] == outcome["why"]
 
@@ -134,9 +158,11 @@ def test_worse_candidate_is_not_published(tmp_path, shapes, embeddings, first_ru
     registry = ModelRegistry(tmp_path / "models")
     trainer = trainer_for(tmp_path, synthetic_build(*shapes), embeddings)
     assert registry.current().version == serving
-    # Evaluate the serving model for real, then ask the decision about a candidate scoring below it.
-    outcome = trainer._decide(tmp_path / "nowhere", {"candidate": {"segm_mAP": -1.0, "bbox_mAP": -1.0},
-                                                     "current": registry.current().metrics}, None)
+    # The serving model's real held-out figures, then the decision about a candidate costing more than they do.
+    current = registry.current().metrics
+    costlier = {**current, "cost": {**current["cost"], "actions": current["cost"]["actions"] + 1}}
+    outcome = trainer._decide(tmp_path / "nowhere", {"candidate": costlier, "current": current}, None)
+    assert "saves no more than the serving model" in outcome["why"], outcome
     assert outcome["result"] == "rejected" and registry.current().version == serving
     assert len(registry.list()) == 1
 

@@ -61,6 +61,12 @@ def test_start_training_while_another_run_holds_the_lock_is_kept_not_dropped(tmp
     assert trainer.tick() is None  # served once
 
 
+def held_out(actions: int) -> dict:
+    """A model's held-out figures: ``actions`` where SAM clicks alone need 30 on 4 photos."""
+    return {"segm_mAP": 0.5, "bbox_mAP": 0.5, "cost": {"photos": 4, "objects": 10, "kept": 5, "deleted": 1,
+                                                       "clicks": actions - 5, "actions": actions, "sam_only": 30}}
+
+
 def test_a_rollback_made_during_a_run_is_not_overridden_by_its_publish(tmp_path):
     settings = settings_for(tmp_path)
     registry = ModelRegistry(settings.models_dir)
@@ -69,8 +75,7 @@ def test_a_rollback_made_during_a_run_is_not_overridden_by_its_publish(tmp_path)
     trainer = Trainer(settings)
     trainer.started_from = second  # the run began while `second` served
     registry.use(first)  # `appliance model use` during the run
-    outcome = trainer._decide(tmp_path / "candidate", {"candidate": {"segm_mAP": 0.9, "bbox_mAP": 0.9},
-                                                       "current": {"segm_mAP": 0.1, "bbox_mAP": 0.1}}, None)
+    outcome = trainer._decide(tmp_path / "candidate", {"candidate": held_out(20), "current": held_out(25)}, None)
     assert outcome["result"] == "rejected" and "changed during the run" in outcome["why"], outcome
     assert registry.current().version == first and len(registry.list()) == 2
 
@@ -101,7 +106,6 @@ def test_a_run_that_lost_the_training_lock_does_not_publish(tmp_path):
     trainer = Trainer(settings)
     trainer.started_from = serving
     trainer.hold = Hold(True, lambda: False)  # e.g. the database session ended mid-run: another run may be going
-    outcome = trainer._decide(tmp_path / "candidate", {"candidate": {"segm_mAP": 0.9, "bbox_mAP": 0.9},
-                                                       "current": {"segm_mAP": 0.1, "bbox_mAP": 0.1}}, None)
+    outcome = trainer._decide(tmp_path / "candidate", {"candidate": held_out(20), "current": held_out(25)}, None)
     assert outcome["result"] == "rejected" and "training lock was lost" in outcome["why"], outcome
     assert registry.current().version == serving and len(registry.list()) == 1

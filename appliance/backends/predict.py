@@ -41,14 +41,19 @@ class PredictBackend(Backend):
         self.mappers: dict[str, LabelMapper] = {}
         self.loader = ThreadPoolExecutor(max_workers=4, thread_name_prefix="image")
         self.schema: str | None = None
+        self.metrics: dict[str, dict] = {}  # version -> its held-out figures, as loaded
 
     def _load(self, version):
         from appliance.models.detection.model import Detector
 
         store = self.settings.embeddings_dir if self.settings.embedding_store_mb > 0 else None
+        self.metrics[version.version] = version.metrics or {}
+        # The thresholds the trainer chose for this version (least annotator cost on held-out); the setting for
+        # versions without them (imported or pretrained weights).
         return Detector(version.path, device=self.settings.device, score_threshold=self.settings.score_threshold,
                         batch_size=self.settings.predict_batch, embedding_store=store,
-                        embedding_store_mb=self.settings.embedding_store_mb)
+                        embedding_store_mb=self.settings.embedding_store_mb,
+                        class_thresholds=(version.metrics or {}).get("thresholds"))
 
     def start(self) -> None:
         self.slot.start()
@@ -77,14 +82,25 @@ class PredictBackend(Backend):
         return serving.version if serving else NO_MODEL
 
     def status(self) -> dict:
-        if self.slot.get() is None and self.slot.failed:
+        serving = self.slot.get()
+        if serving is None and self.slot.failed:
             message = self.slot.error  # a version exists but failed to load: "no model yet" would mislead
-        elif self.slot.get() is None:
+        elif serving is None:
             message = ("no model yet: submit annotations and the trainer publishes one "
                        "(or set APPLIANCE_DETECTOR_WEIGHTS)")
         else:
             message = None
-        return {"message": message, "loading": self.slot.loading, "error": self.slot.error}
+        return {"message": message, "loading": self.slot.loading, "error": self.slot.error,
+                "default_threshold": self.settings.score_threshold, **self._serving_figures(serving)}
+
+    def _serving_figures(self, serving) -> dict:
+        """The thresholds the serving version applies and what it saves on held-out tasks."""
+        if serving is None:
+            return {"thresholds": None, "saving": None}
+        from appliance.models.detection.cost import saving  # imports torch, as the serving model did
+
+        return {"thresholds": getattr(serving.model, "class_thresholds", None),
+                "saving": saving(self.metrics.get(serving.version))}
 
     def setup(self, req: SetupRequest) -> None:
         if req.schema:

@@ -15,6 +15,7 @@ import threading
 from typing import Any
 
 from appliance import state as app_state
+from appliance.models.detection.cost import saving
 from appliance.settings import Settings
 
 log = logging.getLogger("trainer")
@@ -50,6 +51,9 @@ def model_section(serving: Any, trainer: dict, settings: Settings) -> str:
         held = metrics.get("holdout_images") or metrics.get("images")
         on = f" on {held} held-out image(s)" if held else ""
         lines.append(f"<b>Serving model {html.escape(serving.version)}</b>" + (f": {figures}{on}" if figures else ""))
+        saves = saving(metrics)
+        if saves:
+            lines.append(f"Its pre-annotations {html.escape(saves)}.")
     state = trainer.get("state") or "not started"
     if state == "running":
         epoch = (f", epoch {trainer['epoch']}/{trainer['max_epochs']}" if trainer.get("epoch") is not None

@@ -18,20 +18,37 @@ def emit(event: dict) -> None:
     print(json.dumps(event), flush=True)
 
 
-def holdout_metrics(model_dir: Path, holdout: Path, device: str, img_size: int | None,
-                    embeddings: Path | None = None, embeddings_mb: int = 2048,
-                    label_map: dict[str, str | None] | None = None) -> dict | None:
-    """label_map: model class -> project label, for a model trained on other classes (e.g. COCO's)."""
-    from appliance.models.detection.evaluate import evaluate
+def holdout_scores(args) -> tuple[dict | None, dict | None]:
+    """(candidate, current): each model's AP and annotator cost on the held-out tasks (models/detection/holdout).
+    The candidate's score thresholds are chosen there; the current model is scored at the thresholds it serves."""
+    from appliance.models.detection import holdout
     from appliance.models.detection.model import Detector
+    from appliance.models.sam.engine import SamEngine
+    from appliance.models.sam.store import EmbeddingStore
 
-    annotations = holdout / "annotations.json"
-    if not annotations.exists() or not json.loads(annotations.read_text()).get("images"):
-        return None
-    detector = Detector(model_dir, device=device, score_threshold=0.05, embedding_store=embeddings,
-                        embedding_store_mb=embeddings_mb)
-    label_of = (lambda name: label_map.get(name)) if label_map is not None else None
-    return evaluate(detector, annotations, holdout / "images", label_of=label_of)
+    from appliance.shared.embeddings import from_environment  # the machines' shared tier, when set
+
+    # The store sam-det's pipeline uses (with the shared tier): an embedding encoded here is every machine's.
+    store = EmbeddingStore(args.embeddings, args.embeddings_mb * 1024 * 1024, args.sam_model_type,
+                           remote=from_environment()) if args.embeddings and args.embeddings_mb > 0 else None
+    engine = SamEngine(args.sam_checkpoint, args.sam_model_type, args.device)
+    held = holdout.load(args.holdout, holdout.sam_clicks(engine, store))
+    if held is None:
+        return None, None
+    del engine
+
+    def detector(path: Path) -> Detector:
+        return Detector(path, device=args.device, score_threshold=holdout.EVAL_THRESHOLD,
+                        embedding_store=args.embeddings, embedding_store_mb=args.embeddings_mb)
+
+    candidate = holdout.score(detector(args.out), held)
+    if not args.current:
+        return candidate, None
+    labels = json.loads(args.current_labels) if args.current_labels else None
+    thresholds = json.loads(args.current_thresholds) if args.current_thresholds else {}
+    current = holdout.score(detector(args.current), held, (lambda name: labels.get(name)) if labels else None,
+                            thresholds, args.score_threshold)
+    return candidate, current
 
 
 # Defaults by device: a CPU trains small batches of small images; a GPU takes RTMDet's own size and bigger batches.
@@ -60,6 +77,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--init-trusted", action="store_true", help="--init is a full checkpoint the admin gave")
     parser.add_argument("--current", type=Path)
     parser.add_argument("--current-labels", help='JSON {"class of --current": "label" | null}')
+    parser.add_argument("--current-thresholds", help='JSON {"class of --current": score threshold it serves}')
+    parser.add_argument("--score-threshold", type=float, default=0.3, help="--current's for classes not listed")
     parser.add_argument("--arch", default="rtmdet-ins-tiny")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=0, help="0: the device's default")
@@ -84,11 +103,7 @@ def main(argv: list[str] | None = None) -> None:
           sam_model_type=args.sam_model_type, sam_checkpoint=args.sam_checkpoint,
           init_classes=args.init_classes.split(",") if args.init_classes else None,
           class_map=json.loads(args.class_map) if args.class_map else None, init_trusted=args.init_trusted)
-    store = (args.embeddings, args.embeddings_mb)
-    candidate = holdout_metrics(args.out, args.holdout, args.device, args.img_size, *store)
-    current_labels = json.loads(args.current_labels) if args.current_labels else None
-    current = holdout_metrics(args.current, args.holdout, args.device, args.img_size, *store,
-                              label_map=current_labels) if args.current else None
+    candidate, current = holdout_scores(args)
     emit({"event": "metrics", "candidate": candidate, "current": current})
 
 

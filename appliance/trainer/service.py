@@ -2,7 +2,7 @@
 
 Watches the annotation journal (and the request folder that `appliance train` and Label Studio's "Start training"
 write to), debounces, then runs one job at a time: dataset -> training subprocess -> evaluation on held-out tasks
--> publish only if better -> prune -> re-predict unlabeled tasks. Any failure leaves the serving model untouched
+-> publish only if its pre-annotations save the annotator actions (policy.py) -> prune -> re-predict unlabeled tasks. Any failure leaves the serving model untouched
 and is reported in ``<data>/trainer/status.json`` (shown by `appliance status`).
 """
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from appliance import state as app_state
 from appliance.supervise import die_with_parent
-from appliance.trainer import init, journal
+from appliance.trainer import init, journal, policy
 from appliance.trainer.schedule import Schedule
 from appliance.trainer.status import StatusFile
 from appliance.settings import Settings
@@ -208,7 +208,9 @@ class Trainer:
         command += init.init_arguments(self.settings, current.path if current else None, classes, labels_of)
         if current is not None:
             command += ["--current", str(current.path),
-                        "--current-labels", json.dumps(init.labels_for(current.path, labels_of))]
+                        "--current-labels", json.dumps(init.labels_for(current.path, labels_of)),
+                        "--current-thresholds", json.dumps(current.metrics.get("thresholds") or {}),
+                        "--score-threshold", str(self.settings.score_threshold)]
         env = {**os.environ, "OMP_NUM_THREADS": str(self.settings.train_threads)}
         # The job dies with the trainer, even a trainer killed with -9: no training run outlives the appliance.
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
@@ -267,17 +269,9 @@ class Trainer:
         candidate, current = metrics.get("candidate"), metrics.get("current")
         serving = self.registry.current()
         self.status.update(stage="evaluate")
-        if serving is None and not finds_something(candidate):
-            # The first model must find something on held-out tasks: a model that finds nothing would only
-            # pre-annotate noise (or nothing) on every task.
-            return {"result": "rejected", "candidate": candidate, "serving": None,
-                    "why": "first model not published: it found nothing on the held-out tasks (AP50 0 on "
-                           f"{(candidate or {}).get('images', 0)} image(s)); annotate more" if candidate else
-                           "first model not published: no held-out annotations to check it on yet; annotate more"}
-        if serving is not None and not better(candidate, current):
-            return {"result": "rejected", "candidate": candidate, "serving": current,
-                    "why": "not better than the serving model on the held-out tasks" if candidate else
-                           "no held-out annotations to prove it better"}
+        decision = policy.decide(candidate, current, serving is not None)
+        if not decision.publish:
+            return {"result": "rejected", "candidate": candidate, "serving": current, "why": decision.why}
         now = self.registry.current()
         if (now.version if now else None) != self.started_from:
             # Someone chose the serving model during the run (`appliance model use` or `import`): theirs stands.
@@ -294,7 +288,8 @@ class Trainer:
                                                     "journal_until": self.journal_until, **datasets.summary()})
         self.registry.prune(self.settings.keep_versions)
         self._lap("publish")
-        return {"result": "published", "version": version, "candidate": candidate, "previous": current}
+        return {"result": "published", "version": version, "candidate": candidate, "previous": current,
+                "why": decision.why}
 
     def _repredict_after(self, outcome: dict) -> None:
         self.status.update(stage="repredict")
@@ -320,26 +315,10 @@ class Trainer:
         return f"skipped: prediction backend did not serve {version} ({locals().get('last', 'timeout')})"
 
 
-def better(candidate: dict | None, current: dict | None) -> bool:
-    """Strictly better segmentation mAP on the same held-out tasks (bbox mAP breaks a tie)."""
-    if candidate is None or current is None:
-        return candidate is not None and current is None
-    key = lambda m: (round(m.get("segm_mAP", 0.0), 4), round(m.get("bbox_mAP", 0.0), 4))  # noqa: E731
-    return key(candidate) > key(current)
-
-
 def _disk_full(error) -> bool:
     if isinstance(error, OSError):
         return error.errno in (errno.ENOSPC, errno.EDQUOT)
     return "No space left on device" in str(error) or "Disk quota exceeded" in str(error)
-
-
-def finds_something(metrics: dict | None) -> bool:
-    """Held-out AP50 above zero (segmentation, or boxes for a box-only model)."""
-    if not metrics:
-        return False
-    return max(metrics.get("segm_AP50", 0.0), metrics.get("bbox_AP50", 0.0),
-               metrics.get("segm_mAP", 0.0), metrics.get("bbox_mAP", 0.0)) > 0
 
 
 def _json(line: str) -> dict | None:

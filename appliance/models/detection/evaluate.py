@@ -26,17 +26,22 @@ def evaluate(detector: Union[Detector, PredictFn], coco_json: Path, image_dir: P
     a pretrained model is served with; detections without a label are dropped). A Detector is run with
     score_threshold (low, as usual for mAP); a plain function is used as is.
     """
-    from pycocotools.coco import COCO
-
-    with contextlib.redirect_stdout(io.StringIO()):
-        gt = COCO(str(coco_json))
+    gt = _load(coco_json)
     predict = _predict_fn(detector, score_threshold)
-    category_ids = {c["name"]: c["id"] for c in gt.loadCats(gt.getCatIds())}
-    results = []
+    found = {}
     for image_id in gt.getImgIds():
         info = gt.loadImgs(image_id)[0]
         image = np.asarray(Image.open(Path(image_dir) / info["file_name"]).convert("RGB"))
-        for det in predict(image, info.get("content_key")):
+        found[image_id] = predict(image, info.get("content_key"))
+    return evaluate_detections(gt, found, label_of)
+
+
+def evaluate_detections(gt, found: dict[int, list[Detection]], label_of: LabelOf | None = None) -> dict[str, float]:
+    """evaluate()'s figures for detections already made: {COCO image id: detections} on the COCO set ``gt``."""
+    category_ids = {c["name"]: c["id"] for c in gt.loadCats(gt.getCatIds())}
+    results = []
+    for image_id, detections in found.items():
+        for det in detections:
             label = label_of(det.label) if label_of else det.label
             if label in category_ids:
                 results.append(_result(image_id, category_ids[label], det))
@@ -44,6 +49,13 @@ def evaluate(detector: Union[Detector, PredictFn], coco_json: Path, image_dir: P
     bbox, segm = _map(gt, results, "bbox"), _map(gt, with_masks, "segm")
     return {"bbox_mAP": bbox[0], "segm_mAP": segm[0], "bbox_AP50": bbox[1], "segm_AP50": segm[1],
             "images": len(gt.getImgIds()), "objects": len(gt.getAnnIds())}
+
+
+def _load(coco_json: Path):
+    from pycocotools.coco import COCO
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        return COCO(str(coco_json))
 
 
 def _predict_fn(detector: Union[Detector, PredictFn], score_threshold: float) -> KeyedPredictFn:

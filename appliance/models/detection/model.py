@@ -28,13 +28,16 @@ class Detector:
     """A model loaded from a dir holding config.py, weights.pth and classes.json."""
 
     def __init__(self, model_dir: Path, device: str = "auto", score_threshold: float = 0.3,
-                 batch_size: int = 8, embedding_store: Path | None = None, embedding_store_mb: int = 2048) -> None:
+                 batch_size: int = 8, embedding_store: Path | None = None, embedding_store_mb: int = 2048,
+                 class_thresholds: dict[str, float] | None = None) -> None:
         """embedding_store: the shared SAM embedding folder (sam-det models read image embeddings there and store
-        the ones they compute); other models ignore it."""
+        the ones they compute); other models ignore it. class_thresholds: a score threshold per class (the ones
+        the trainer chose for this version), score_threshold for the classes not listed."""
         compat.install()
         self.model_dir = Path(model_dir)
         self.device = _pick_device(device)
         self.score_threshold = score_threshold
+        self.class_thresholds = dict(class_thresholds or {})
         self.batch_size = batch_size
         self.classes = _read_classes(self.model_dir / "classes.json")
         self.cfg = _read_config(self.model_dir / "config.py")
@@ -55,16 +58,20 @@ class Detector:
         keys: each image's content key (appliance.models.sam.cache.content_key of its file's bytes), under which
         a sam-det model finds the image's SAM embedding in the shared store instead of encoding the image.
         """
-        threshold = self.score_threshold if score_threshold is None else score_threshold
+        explicit = score_threshold is not None  # one threshold for every class (evaluation)
+        threshold = score_threshold if explicit else self.score_threshold
+        by_class = {} if explicit else self.class_thresholds
+        low = min([threshold, *by_class.values()])
         keys = list(keys) if keys is not None else [None] * len(images)
         results: list[list[Detection]] = []
         for start in range(0, len(images), self.batch_size):
             chunk = images[start:start + self.batch_size]
             batch = self._prepare(chunk, keys[start:start + self.batch_size])
             with self._lock:
-                _set_score_threshold(self._model, threshold)
+                _set_score_threshold(self._model, low)
                 samples = self._infer(batch)
-            results.extend(self._detections(s, threshold) for s in samples)
+            results.extend([d for d in self._detections(s, low) if d.score >= by_class.get(d.label, threshold)]
+                           for s in samples)
         return results
 
     def _prepare(self, images: Sequence[np.ndarray], keys: Sequence[str | None]) -> dict:

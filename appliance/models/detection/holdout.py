@@ -1,0 +1,107 @@
+"""A model scored on the held-out tasks: COCO AP, and what its pre-annotations cost the annotator (cost.py).
+
+SAM's clicks for each held-out object are computed once per run with the SAM engine the SAM backend uses (on the
+embedding it stored for the image, when there is one) and shared by every model scored on the same tasks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+
+from appliance.models.detection import cost
+from appliance.models.detection.evaluate import LabelOf, evaluate_detections
+from appliance.models.detection.model import Detection, Detector
+
+EVAL_THRESHOLD = 0.1  # the lowest score considered: AP is measured on these, thresholds are chosen above it
+
+
+@dataclass
+class HeldOut:
+    gt: object  # pycocotools COCO of the held-out set
+    ids: list[int]  # its image ids, in order
+    images: list[np.ndarray]
+    keys: list[str | None]
+    truths: list[list[cost.Truth]]
+
+
+def load(holdout: Path, clicks_for: Callable[[np.ndarray, str | None], Callable[[np.ndarray], int]] | None
+         ) -> HeldOut | None:
+    """The held-out set of a run, with SAM's clicks for every object (``clicks_for(image, key)`` -> the clicks of
+    one object's mask on that image); None when the set is empty."""
+    from pycocotools.coco import COCO
+
+    annotations = holdout / "annotations.json"
+    if not annotations.exists():
+        return None
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(annotations))
+    if not gt.getImgIds():
+        return None
+    names = {c["id"]: c["name"] for c in gt.loadCats(gt.getCatIds())}
+    ids, images, keys, truths = [], [], [], []
+    for image_id in gt.getImgIds():
+        info = gt.loadImgs(image_id)[0]
+        image = np.asarray(Image.open(holdout / "images" / info["file_name"]).convert("RGB"))
+        key = info.get("content_key")
+        clicks = clicks_for(image, key) if clicks_for else (lambda mask: 1)
+        objects = [(names[a["category_id"]], gt.annToMask(a).astype(bool))
+                   for a in gt.loadAnns(gt.getAnnIds(imgIds=image_id)) if not a.get("iscrowd")]
+        ids.append(image_id)
+        images.append(image)
+        keys.append(key)
+        truths.append([cost.Truth(label, mask, clicks(mask)) for label, mask in objects if mask.any()])
+    return HeldOut(gt, ids, images, keys, truths)
+
+
+def score(detector: Detector, held: HeldOut, label_of: LabelOf | None = None,
+          thresholds: dict[str, float] | None = None, default_threshold: float | None = None) -> dict:
+    """COCO AP of ``detector`` on the held-out set, and its annotator cost: at ``thresholds`` (per model class,
+    ``default_threshold`` for the others) when given (the serving model, as it serves), else at the thresholds
+    that cost least (a candidate: they are stored with it and served)."""
+    found = [detector.predict(image, score_threshold=EVAL_THRESHOLD, key=key)
+             for image, key in zip(held.images, held.keys)]
+    metrics = evaluate_detections(held.gt, dict(zip(held.ids, found)), label_of)
+    if thresholds is not None or default_threshold is not None:
+        found = [[d for d in dets if d.score >= (thresholds or {}).get(d.label, default_threshold or 0.0)]
+                 for dets in found]
+    photos = [cost.Photo(truths, _predicted(dets, label_of)) for truths, dets in zip(held.truths, found)]
+    if thresholds is None and default_threshold is None:
+        thresholds = cost.choose_thresholds(photos)
+        costed = cost.total(photos, thresholds)
+    else:
+        costed = cost.total(photos)
+    return {**metrics, "thresholds": thresholds, "cost": costed.as_dict()}
+
+
+def _predicted(detections: list[Detection], label_of: LabelOf | None) -> list[cost.Predicted]:
+    out = []
+    for det in detections:
+        label = label_of(det.label) if label_of else det.label
+        if label is not None and det.mask is not None:
+            out.append(cost.Predicted(label, det.score, det.mask))
+    return out
+
+
+def sam_clicks(engine, store=None) -> Callable[[np.ndarray, str | None], Callable[[np.ndarray], int]]:
+    """clicks_for(image, key) with SAM ``engine``: the image's embedding from ``store`` (an EmbeddingStore) by its
+    content key, else encoded (and stored)."""
+    from appliance.models.sam.annotator import EngineClicks
+
+    def clicks_for(image: np.ndarray, key: str | None):
+        features = store.get(key) if (store is not None and key) else None
+        if features is None:
+            embedding = engine.embed(image)
+            if store is not None and key:
+                store.put(key, embedding.features[0].cpu().numpy())
+        else:
+            embedding = engine.from_features(features, image.shape[:2])
+        return EngineClicks(engine, embedding).clicks
+
+    return clicks_for
