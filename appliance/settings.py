@@ -185,12 +185,14 @@ class Settings(BaseSettings):
                                          validation_alias=_env("APPLIANCE_TRAIN_TIMEOUT_MINUTES"),
                                          description="A training run taking longer is stopped and reported; the "
                                                      "serving model stays.")
-    train_arch: Literal["sam-det", "rtmdet-ins-tiny", "rtmdet-ins-s", "mask-rcnn-r50"] = Field(
-        "sam-det", validation_alias=_env("APPLIANCE_TRAIN_ARCH"),
-        description="Detector architecture: sam-det (a box head on SAM's frozen encoder, SAM masks; learns from "
-                    "tens of images) or an MMDetection model (fine-tuned from APPLIANCE_DETECTOR_WEIGHTS, else from "
-                    "scratch). Default: sam-det, or rtmdet-ins-tiny (the weights' own) when "
-                    "APPLIANCE_DETECTOR_WEIGHTS is set.")
+    train_arch: Literal["auto", "sam-prompt", "sam-det", "rtmdet-ins-tiny", "rtmdet-ins-s", "mask-rcnn-r50"] = Field(
+        "auto", validation_alias=_env("APPLIANCE_TRAIN_ARCH"),
+        description="Detector architecture: sam-prompt (SAM's own masks, prompted where a learnt heat map peaks "
+                    "and scored on SAM features; few large objects, natural photos), sam-det (a box head on SAM's "
+                    "frozen encoder, SAM masks; many small objects), auto (each run: sam-det when a typical "
+                    "training image holds over 16 objects, else sam-prompt), or an MMDetection model (fine-tuned "
+                    "from APPLIANCE_DETECTOR_WEIGHTS, else from scratch). Default: auto, or rtmdet-ins-tiny (the "
+                    "weights' own) when APPLIANCE_DETECTOR_WEIGHTS is set.")
     holdout_percent: int = Field(20, ge=1, le=90, validation_alias=_env("APPLIANCE_HOLDOUT_PERCENT"),
                                  description="Share of tasks held out for evaluation (fixed by task id).")
     keep_versions: int = Field(5, ge=1, le=1000, validation_alias=_env("APPLIANCE_KEEP_VERSIONS"),

@@ -113,11 +113,40 @@ def score(detector, ann_file: Path, image_dir: Path, threshold: float) -> dict:
             "objects": len(gt.getAnnIds()), "predict_s": round(time.monotonic() - began, 1)}
 
 
-def run(arch: str, n: int, coco: dict, images: list[dict], work: Path, args, label: str) -> dict:
+TUNE_PHOTOS = 10  # --cost: the first evaluation photos choose the thresholds, the others are costed
+
+
+def cost_sets(work: Path, coco: dict, evaluated: list[dict], label: str):
+    """(tune, costed) held-out sets (appliance.models.detection.holdout) with SAM's clicks for every object,
+    computed once with the SAM backend's engine: the first TUNE_PHOTOS evaluation photos and the rest."""
+    from appliance.models.detection import holdout
+    from appliance.models.sam.engine import SamEngine
+    from appliance.models.sam.store import EmbeddingStore
+
+    engine = SamEngine(device="cpu")
+    clicks = holdout.sam_clicks(engine, EmbeddingStore(work / "embeddings", 1 << 40))
+    subset(coco, evaluated[:TUNE_PHOTOS], work / "tune", label)
+    subset(coco, evaluated[TUNE_PHOTOS:], work / "costed", label)
+    return holdout.load(work / "tune", clicks), holdout.load(work / "costed", clicks)
+
+
+def annotator_cost(detector, sets) -> dict:
+    """The annotator's actions on the costed photos (keep, delete, SAM clicks, submit; models/detection/cost.py)
+    at the thresholds that cost least on the tuning photos, as the trainer chooses them on its held-out tasks."""
+    from appliance.models.detection import holdout
+    from appliance.models.detection.cost import NO_PREDICTIONS
+
+    tune, costed = sets
+    thresholds = holdout.score(detector, tune)["thresholds"]
+    spent = holdout.score(detector, costed, thresholds=thresholds, default_threshold=NO_PREDICTIONS)["cost"]
+    return {"thresholds": thresholds, **{f"cost_{k}": v for k, v in spent.items()}}
+
+
+def run(arch: str, n: int, coco: dict, images: list[dict], work: Path, args, label: str, sets=None) -> dict:
     from appliance.models.detection.model import Detector
     from appliance.models.detection.train import train
 
-    store = work / "embeddings" if arch == "sam-det" else None
+    store = work / "embeddings" if arch.startswith("sam-") else None
     began = time.monotonic()
     train_dir = work / f"train-{n}"
     subset(coco, images[:n], train_dir, label)
@@ -131,6 +160,8 @@ def run(arch: str, n: int, coco: dict, images: list[dict], work: Path, args, lab
     detector = Detector(out, device="cpu", score_threshold=args.score, embedding_store=store)
     serve_s = time.monotonic() - began
     evaluation = score(detector, work / "eval" / "annotations.json", work / "eval" / "images", args.score)
+    if sets is not None:
+        evaluation.update(annotator_cost(detector, sets))
     return {"arch": arch, "n": n, "epochs": epochs, "train_s": round(train_s, 1), "serve_s": round(serve_s, 1),
             **evaluation}
 
@@ -138,11 +169,18 @@ def run(arch: str, n: int, coco: dict, images: list[dict], work: Path, args, lab
 def table(rows: list[dict]) -> str:
     head = ("arch", "N", "epochs", "segm AP50", "segm AP", "bbox AP50", "bbox AP", "found@0.5", "train s",
             "serve s", "predict s")
+    costed = any("cost_actions" in r for r in rows)
+    if costed:
+        head += ("kept", "deleted", "actions", "SAM alone", "saved")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        lines.append(f"| {r['arch']} | {r['n']} | {r['epochs']} | {r['segm_AP50']:.3f} | {r['segm_AP']:.3f} | "
-                     f"{r['bbox_AP50']:.3f} | {r['bbox_AP']:.3f} | {r['found']}/{r['objects']} | {r['train_s']} | "
-                     f"{r['serve_s']} | {r['predict_s']} |")
+        line = (f"| {r['arch']} | {r['n']} | {r['epochs']} | {r['segm_AP50']:.3f} | {r['segm_AP']:.3f} | "
+                f"{r['bbox_AP50']:.3f} | {r['bbox_AP']:.3f} | {r['found']}/{r['objects']} | {r['train_s']} | "
+                f"{r['serve_s']} | {r['predict_s']} |")
+        if costed:
+            line += (f" {r['cost_kept']}/{r['cost_objects']} | {r['cost_deleted']} | {r['cost_actions']} | "
+                     f"{r['cost_sam_only']} | {r['cost_saved']:.0%} |")
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -164,26 +202,30 @@ def main() -> None:
     parser.add_argument("--score", type=float, default=0.3, help="APPLIANCE_SCORE_THRESHOLD")
     parser.add_argument("--work", type=Path, help="keep models and embeddings here (default: a temp dir)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--cost", action="store_true",
+                        help=f"also the annotator's actions on the evaluation photos after the first {TUNE_PHOTOS} "
+                             "(which choose the thresholds), against SAM clicks alone")
     args = parser.parse_args()
 
     import torch
 
     torch.set_num_threads(args.threads)
-    DATA = args.data
+    DATA = args.data.resolve()
     coco, images, label = load(DATA, args.label)
     first, last = (int(v) if v else len(images) for v in args.eval.split("-"))
     work = args.work or Path(tempfile.mkdtemp(prefix="learning-curve-"))
     evaluated = images[first - 1:last:args.eval_step]
     subset(coco, evaluated, work / "eval", label)
     ns = [int(n) for n in args.ns.split(",")]
+    sets = cost_sets(work, coco, evaluated, label) if args.cost else None
     rows = []
     for arch in args.archs.split(","):
-        if arch == "sam-det":
+        if arch.startswith("sam-"):
             encode_s = fill_store(work / "embeddings", images[:max(ns)])
-            print(f"sam-det: embeddings of images 1-{max(ns)} (the SAM backend's clicks): {encode_s:.0f} s",
+            print(f"{arch}: embeddings of images 1-{max(ns)} (the SAM backend's clicks): {encode_s:.0f} s",
                   flush=True)
         for n in ns:
-            rows.append(run(arch, n, coco, images, work, args, label))
+            rows.append(run(arch, n, coco, images, work, args, label, sets))
             print(json.dumps(rows[-1]), flush=True)
             if args.json:
                 args.json.write_text(json.dumps(rows, indent=1))

@@ -31,9 +31,11 @@ def labels_for(model_dir: Path, labels_of: LabelOf) -> dict[str, str | None]:
     return {name: labels_of(name) for name in _classes(model_dir)}
 
 
-def init_arguments(settings: Settings, current_dir: Path | None, classes: list[str], labels_of: LabelOf) -> list[str]:
-    """The training job's --init arguments (none: the architecture's own initialisation)."""
-    source = _source(settings, current_dir)
+def init_arguments(settings: Settings, current_dir: Path | None, classes: list[str], labels_of: LabelOf,
+                   arch: str | None = None) -> list[str]:
+    """The training job's --init arguments (none: the architecture's own initialisation) for a run training
+    ``arch`` (default: APPLIANCE_TRAIN_ARCH)."""
+    source = _source(settings, current_dir, arch or settings.train_arch)
     if source is None:
         return []
     weights, source_classes, trusted = source
@@ -50,11 +52,11 @@ def init_arguments(settings: Settings, current_dir: Path | None, classes: list[s
     return arguments
 
 
-def _source(settings: Settings, current_dir: Path | None) -> tuple[Path, list[str], bool] | None:
-    if current_dir is not None and _arch(current_dir) == settings.train_arch:
+def _source(settings: Settings, current_dir: Path | None, arch: str) -> tuple[Path, list[str], bool] | None:
+    if current_dir is not None and _arch(current_dir) == arch:
         return current_dir / "weights.pth", _classes(current_dir), False
     weights = settings.detector_weights
-    if weights and settings.train_arch == PRETRAINED_ARCH and Path(weights).is_file():
+    if weights and arch == PRETRAINED_ARCH and Path(weights).is_file():
         from appliance.models.detection.pretrained import resolve_classes
 
         return Path(weights), resolve_classes(settings.detector_classes), True

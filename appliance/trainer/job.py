@@ -31,11 +31,11 @@ def holdout_scores(args) -> tuple[dict | None, dict | None]:
     # The store sam-det's pipeline uses (with the shared tier): an embedding encoded here is every machine's.
     store = EmbeddingStore(args.embeddings, args.embeddings_mb * 1024 * 1024, args.sam_model_type,
                            remote=from_environment()) if args.embeddings and args.embeddings_mb > 0 else None
+    if not holdout.has_photos(args.holdout):
+        return None, None
     engine = SamEngine(args.sam_checkpoint, args.sam_model_type, args.device)
     held = holdout.load(args.holdout, holdout.sam_clicks(engine, store))
-    if held is None:
-        return None, None
-    del engine
+    del engine  # the clicks are computed: only the detectors' SAM parts are needed from here
 
     def detector(path: Path) -> Detector:
         return Detector(path, device=args.device, score_threshold=holdout.EVAL_THRESHOLD,
@@ -44,9 +44,10 @@ def holdout_scores(args) -> tuple[dict | None, dict | None]:
     candidate = holdout.score(detector(args.out), held)
     if not args.current:
         return candidate, None
-    labels = json.loads(args.current_labels) if args.current_labels else None
+    labels = json.loads(args.current_labels) if args.current_labels is not None else None
     thresholds = json.loads(args.current_thresholds) if args.current_thresholds else {}
-    current = holdout.score(detector(args.current), held, (lambda name: labels.get(name)) if labels else None,
+    label_of = (lambda name: labels.get(name)) if labels is not None else None
+    current = holdout.score(detector(args.current), held, label_of,
                             thresholds, args.score_threshold)
     return candidate, current
 

@@ -2,8 +2,9 @@
 
 Watches the annotation journal (and the request folder that `appliance train` and Label Studio's "Start training"
 write to), debounces, then runs one job at a time: dataset -> training subprocess -> evaluation on held-out tasks
--> publish only if its pre-annotations save the annotator actions (policy.py) -> prune -> re-predict unlabeled tasks. Any failure leaves the serving model untouched
-and is reported in ``<data>/trainer/status.json`` (shown by `appliance status`).
+-> publish only if its pre-annotations save the annotator actions (policy.py) -> prune -> re-predict unlabeled
+tasks. Any failure leaves the serving model untouched and is reported in ``<data>/trainer/status.json``
+(shown by `appliance status`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import time
 from pathlib import Path
 
 from appliance import state as app_state
+from appliance.models.detection.configs import resolve_arch
 from appliance.supervise import die_with_parent
 from appliance.trainer import init, journal, policy
 from appliance.trainer.schedule import Schedule
@@ -192,9 +194,11 @@ class Trainer:
         current = self.registry.current()
         # Only labels with a training example: a model never predicts a class it has not seen.
         classes = datasets.trained_labels()
+        arch = resolve_arch(self.settings.train_arch, datasets.train / "annotations.json")
+        self.status.update(arch=arch)
         command = [sys.executable, "-m", "appliance.trainer.job", "--train", str(datasets.train),
                    "--holdout", str(datasets.holdout), "--out", str(work / "model"),
-                   "--classes", ",".join(classes), "--arch", self.settings.train_arch,
+                   "--classes", ",".join(classes), "--arch", arch,
                    "--epochs", str(self.settings.train_epochs), "--img-size", str(self.settings.train_img_size),
                    "--batch-size", str(self.settings.train_batch),
                    "--threads", str(self.settings.train_threads), "--device", self.settings.device,
@@ -205,7 +209,7 @@ class Trainer:
         if self.settings.sam_checkpoint:
             command += ["--sam-checkpoint", str(self.settings.sam_checkpoint)]
         labels_of = init.class_labels(self.settings, datasets.spec)
-        command += init.init_arguments(self.settings, current.path if current else None, classes, labels_of)
+        command += init.init_arguments(self.settings, current.path if current else None, classes, labels_of, arch)
         if current is not None:
             command += ["--current", str(current.path),
                         "--current-labels", json.dumps(init.labels_for(current.path, labels_of)),

@@ -8,6 +8,8 @@ from typing import Any
 from appliance import compat
 
 DEFAULT_ARCH = "sam-det"
+AUTO = "auto"
+DENSE_OBJECTS = 16  # objects on a typical (median) training image above which "auto" trains sam-det
 
 
 @dataclass(frozen=True)
@@ -19,11 +21,15 @@ class ArchSpec:
 
 
 SAM_DET = "sam-det"
+SAM_PROMPT = "sam-prompt"
+SAM_ARCHS = (SAM_DET, SAM_PROMPT)  # on stored SAM embeddings (appliance.models.detection.samdet)
 
 ARCHS: dict[str, ArchSpec] = {
     # A box head on SAM's frozen image encoder, masks from SAM's decoder (appliance.models.detection.samdet).
     # Its recipe: AdamW 2e-3 for a batch of 8.
     SAM_DET: ArchSpec(None, 1024, 0.002, 8),
+    # SAM's own masks prompted at a learnt heat map's peaks, scored by an MLP on mask-pooled SAM features.
+    SAM_PROMPT: ArchSpec(None, 1024, 0.02, 8),
     # ~5M params, trained from scratch. Recipes: 8 GPUs x 32 images (RTMDet), 8 x 2 (Mask R-CNN).
     "rtmdet-ins-tiny": ArchSpec("rtmdet/rtmdet-ins_tiny_8xb32-300e_coco.py", 640, 0.004, 256),
     "rtmdet-ins-s": ArchSpec("rtmdet/rtmdet-ins_s_8xb32-300e_coco.py", 640, 0.004, 256),
@@ -31,6 +37,23 @@ ARCHS: dict[str, ArchSpec] = {
 }
 
 _SIZE_KEYS = ("scale", "img_scale", "crop_size", "size")
+
+
+def resolve_arch(arch: str, annotations: Path) -> str:
+    """The architecture "auto" stands for on this training set: sam-prompt where a typical image holds a few objects
+    (natural photos: people, cars), sam-det where it holds many small ones (cells, nuclei), the figures of
+    benchmarks/learning_curve.py on ../shared/data (README, "What the first useful model needs")."""
+    if arch != AUTO:
+        return arch
+    import json
+    import statistics
+
+    coco = json.loads(Path(annotations).read_text())
+    per_image = {i["id"]: 0 for i in coco.get("images", [])}
+    for ann in coco.get("annotations", []):
+        per_image[ann["image_id"]] = per_image.get(ann["image_id"], 0) + 1
+    typical = statistics.median(per_image.values()) if per_image else 0
+    return SAM_DET if typical > DENSE_OBJECTS else SAM_PROMPT
 
 
 def bundled_config_path(arch: str) -> Path:
@@ -79,13 +102,15 @@ def build_config(
     if not classes:
         raise ValueError("need at least one class")
     spec = arch_spec(arch)
-    if arch == SAM_DET:
+    if arch in SAM_ARCHS:
         from appliance.models.detection.samdet import config as samdet_config
 
         checkpoint = str(sam_checkpoint) if sam_checkpoint else None
         cfg = Config(samdet_config.base(len(classes), embedding_store, embedding_store_mb, sam_model_type,
-                                        checkpoint))
+                                        checkpoint, prompted=arch == SAM_PROMPT))
         dataset_type = "SamEmbeddingCocoDataset"
+        if arch == SAM_PROMPT and dataset_dir is not None:
+            cfg.model.test_cfg.peaks = samdet_config.peaks_for(Path(dataset_dir) / "annotations.json")
     else:
         cfg = Config.fromfile(str(bundled_config_path(arch)))
         compat.fix_config(cfg)

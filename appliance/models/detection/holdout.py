@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -31,17 +32,21 @@ class HeldOut:
     truths: list[list[cost.Truth]]
 
 
+def has_photos(holdout: Path) -> bool:
+    annotations = holdout / "annotations.json"
+    return annotations.exists() and bool(json.loads(annotations.read_text()).get("images"))
+
+
 def load(holdout: Path, clicks_for: Callable[[np.ndarray, str | None], Callable[[np.ndarray], int]] | None
          ) -> HeldOut | None:
     """The held-out set of a run, with SAM's clicks for every object (``clicks_for(image, key)`` -> the clicks of
     one object's mask on that image); None when the set is empty."""
     from pycocotools.coco import COCO
 
-    annotations = holdout / "annotations.json"
-    if not annotations.exists():
+    if not has_photos(holdout):
         return None
     with contextlib.redirect_stdout(io.StringIO()):
-        gt = COCO(str(annotations))
+        gt = COCO(str(holdout / "annotations.json"))
     if not gt.getImgIds():
         return None
     names = {c["id"]: c["name"] for c in gt.loadCats(gt.getCatIds())}

@@ -61,7 +61,8 @@ class Detector:
         explicit = score_threshold is not None  # one threshold for every class (evaluation)
         threshold = score_threshold if explicit else self.score_threshold
         by_class = {} if explicit else self.class_thresholds
-        low = min([threshold, *by_class.values()])
+        # The lowest threshold any class is served at: what the model decodes (a class set above 1 needs none).
+        low = min(by_class.get(name, threshold) for name in self.classes) if self.classes else threshold
         keys = list(keys) if keys is not None else [None] * len(images)
         results: list[list[Detection]] = []
         for start in range(0, len(images), self.batch_size):

@@ -7,7 +7,7 @@ import tempfile
 from pathlib import Path
 
 from appliance import compat
-from appliance.models.detection.configs import DEFAULT_ARCH, arch_spec, build_config
+from appliance.models.detection.configs import AUTO, DEFAULT_ARCH, arch_spec, build_config
 from appliance.models.detection.model import Detector
 from appliance.models.registry import ModelRegistry
 from appliance.settings import PRETRAINED_ARCH
@@ -36,7 +36,7 @@ def import_pretrained(weights: Path, registry: ModelRegistry, classes: list[str]
     # An admin-provided file: official checkpoints pickle training state, so they need the trusted loader.
     checkpoint = compat.load_trusted_checkpoint(weights)
     state = checkpoint.get("state_dict", checkpoint)
-    if arch_spec(arch).config is None:
+    if arch == AUTO or arch_spec(arch).config is None:
         arch = PRETRAINED_FALLBACK_ARCH
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)

@@ -42,25 +42,56 @@ def model(num_classes: int, sam_model_type: str = "vit_t", sam_checkpoint: str |
     )
 
 
+def prompted_model(num_classes: int, sam_model_type: str = "vit_t", sam_checkpoint: str | None = None) -> dict:
+    """sam-prompt (samdet/prompted.py): SAM's masks prompted at a class heat map's peaks, scored by an MLP."""
+    sam = dict(model_type=sam_model_type, checkpoint=sam_checkpoint)
+    return dict(
+        type="SamPromptDetector", num_classes=num_classes,
+        data_preprocessor=dict(type="SamEmbeddingPreprocessor"),
+        backbone=dict(type="SamImageEncoder", **sam), sam=sam, hidden=64, train_grid=5,
+        # peaks: SAM decoder passes per image (~0.1 s each on a CPU core, three candidate masks each).
+        test_cfg=dict(peaks=32, peak_thr=0.1, score_thr=0.05, nms_iou=0.5, max_per_img=100),
+    )
+
+
+def peaks_for(annotations: Path) -> int:
+    """sam-prompt's prompts per image: twice the objects of a busy training image (its 90th percentile), 24 to 128
+    (each costs a SAM decoder pass, ~0.1 s on a CPU core)."""
+    import json
+
+    import numpy as np
+
+    coco = json.loads(annotations.read_text())
+    per_image = {i["id"]: 0 for i in coco.get("images", [])}
+    for ann in coco.get("annotations", []):
+        per_image[ann["image_id"]] = per_image.get(ann["image_id"], 0) + 1
+    busy = float(np.percentile(list(per_image.values()), 90)) if per_image else 0.0
+    return int(min(128, max(24, round(2 * busy))))
+
+
 def pipelines(store_dir: Path | None, store_mb: int, sam_model_type: str = "vit_t",
-              sam_checkpoint: str | None = None) -> tuple[list, list]:
+              sam_checkpoint: str | None = None, with_mask: bool = False) -> tuple[list, list]:
     embed = dict(type="LoadSamEmbedding", store_dir=str(store_dir) if store_dir else None, store_mb=store_mb,
                  model_type=sam_model_type, checkpoint=sam_checkpoint)
     pack = dict(type="PackDetInputs", meta_keys=META_KEYS)
-    train = [dict(type="LoadAnnotations", with_bbox=True, with_mask=False), embed, pack]
+    load = dict(type="LoadAnnotations", with_bbox=True, with_mask=with_mask, poly2mask=True)
+    # Masks load at the image's own size (ori_shape, set by LoadSamEmbedding); boxes load first, to be rescaled.
+    train = [embed, load, pack] if with_mask else [load, embed, pack]
     # The first step is replaced by LoadImageFromNDArray for in-memory images (model.Detector).
     test = [dict(type="LoadImageFromFile"), embed, pack]
     return train, test
 
 
 def base(num_classes: int, store_dir: Path | None, store_mb: int, sam_model_type: str = "vit_t",
-         sam_checkpoint: str | None = None) -> dict:
-    """Everything but data roots and the schedule (configs.build_config fills those in)."""
-    train_pipeline, test_pipeline = pipelines(store_dir, store_mb, sam_model_type, sam_checkpoint)
+         sam_checkpoint: str | None = None, prompted: bool = False) -> dict:
+    """Everything but data roots and the schedule (configs.build_config fills those in). prompted: sam-prompt's
+    model (trained on the masks) instead of sam-det's box head."""
+    train_pipeline, test_pipeline = pipelines(store_dir, store_mb, sam_model_type, sam_checkpoint, prompted)
+    build = prompted_model if prompted else model
     return dict(
         default_scope="mmdet",
         custom_imports=dict(imports=["appliance.models.detection.samdet"], allow_failed_imports=False),
-        model=model(num_classes, sam_model_type, sam_checkpoint),
+        model=build(num_classes, sam_model_type, sam_checkpoint),
         train_pipeline=train_pipeline,
         test_pipeline=test_pipeline,
         # AdamW on the neck and head (the frozen SAM parts get no gradient). The rate is set per run

@@ -8,7 +8,7 @@ from mmdet.models.detectors import SingleStageDetector
 from mmdet.registry import MODELS
 from mmengine.model import BaseModule
 
-from appliance.models.detection.samdet.sam_parts import EMBED_STRIDE, box_masks, load_sam
+from appliance.models.detection.samdet.sam_parts import EMBED_STRIDE, box_masks, load_sam, point_masks
 
 
 @MODELS.register_module()
@@ -31,6 +31,11 @@ class SamBoxDecoder(BaseModule):
     def forward(self, features: torch.Tensor, boxes: torch.Tensor, in_size, out_size) -> torch.Tensor:
         return box_masks(self.prompt_encoder, self.mask_decoder, features, boxes, tuple(in_size), tuple(out_size),
                          self.image_size)
+
+    def points(self, features: torch.Tensor, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """SAM's three candidate masks per positive point (N x 2, x y in the encoder's input frame): low-res
+        logits (3N x 256 x 256) and predicted IoUs (3N), point by point."""
+        return point_masks(self.prompt_encoder, self.mask_decoder, features, points)
 
 
 @MODELS.register_module()

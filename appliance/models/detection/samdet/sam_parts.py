@@ -92,3 +92,20 @@ def box_masks(prompt_encoder: torch.nn.Module, mask_decoder: torch.nn.Module, fe
                                    align_corners=False)
             masks.append(logits[:, 0] > 0.0)
     return torch.cat(masks)
+
+
+def point_masks(prompt_encoder: torch.nn.Module, mask_decoder: torch.nn.Module, features: torch.Tensor,
+                points: torch.Tensor, chunk: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAM's multimask output for each positive point: (3N x 256 x 256 low-res logits, 3N predicted IoUs)."""
+    pe = prompt_encoder.get_dense_pe()
+    logits, ious = [], []
+    with torch.no_grad():
+        for start in range(0, points.shape[0], chunk):
+            xy = points[start:start + chunk, None].float()
+            labels = torch.ones(xy.shape[:2], dtype=torch.int, device=xy.device)
+            sparse, dense = prompt_encoder(points=(xy, labels), boxes=None, masks=None)
+            low_res, iou = mask_decoder(image_embeddings=features, image_pe=pe, sparse_prompt_embeddings=sparse,
+                                        dense_prompt_embeddings=dense, multimask_output=True)
+            logits.append(low_res.flatten(0, 1))
+            ious.append(iou.flatten())
+    return torch.cat(logits), torch.cat(ious)
