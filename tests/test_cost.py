@@ -98,3 +98,30 @@ def test_the_saving_sentence():
     assert saving(_metrics(18, 30, photos=12)).startswith("saves 40 % of the actions on 12 held-out photo(s)")
     assert saving(_metrics(33, 30)).startswith("costs 10 % more")
     assert saving({"segm_mAP": 0.3}) is None
+
+
+def test_chosen_thresholds_cost_what_the_cheapest_of_every_threshold_costs():
+    """The one-pass choice against trying every threshold, on random overlapping boxes of two classes."""
+    rng = np.random.default_rng(3)
+
+    def random_box() -> np.ndarray:
+        x, y = rng.integers(0, 70, 2)
+        w, h = rng.integers(10, 30, 2)
+        return box(x, y, x + w, y + h)
+
+    for _ in range(20):
+        photos = []
+        for _ in range(3):
+            truths = [Truth(str(rng.choice(["cat", "dog"])), random_box(), int(rng.integers(1, 6)))
+                      for _ in range(4)]
+            predicted = [Predicted(t.label, float(rng.choice([0.2, 0.5, 0.9])), t.mask) for t in truths[:2]]
+            predicted += [Predicted(str(rng.choice(["cat", "dog"])), float(rng.random()), random_box())
+                          for _ in range(4)]
+            photos.append(Photo(truths, predicted))
+        chosen = choose_thresholds(photos)
+        for label, threshold in chosen.items():
+            only = [Photo([t for t in p.truths if t.label == label], [q for q in p.predicted if q.label == label])
+                    for p in photos]
+            candidates = [q.score for p in only for q in p.predicted] + [NO_PREDICTIONS]
+            cheapest = min(total(only, {label: s}).actions for s in candidates)
+            assert total(only, {label: threshold}).actions == cheapest

@@ -127,10 +127,22 @@ def choose_thresholds(photos: list[Photo]) -> dict[str, float]:
     chosen = {}
     for label in labels:
         only = [_only(photo, label) for photo in photos]
-        scores = sorted({p.score for photo in only for p in photo.predicted}, reverse=True)
-        best, best_actions = len(scores), total(only, {label: NO_PREDICTIONS}).actions
+        # Greedy matching goes by score, so the predictions shown at a threshold match as they do among all of
+        # them: lowering the threshold past a prediction adds its own change (a deletion, or its object's clicks
+        # saved). One pass per class, in score order.
+        steps = []
+        for photo in only:
+            kept = match(photo)
+            steps += [(p.score, -photo.truths[kept[i]].clicks if i in kept else 1)
+                      for i, p in enumerate(photo.predicted)]
+        steps.sort(key=lambda step: -step[0])
+        scores = sorted({score for score, _ in steps}, reverse=True)
+        actions = best_actions = total(only, {label: NO_PREDICTIONS}).actions
+        best, added = len(scores), 0
         for k, score in enumerate(scores):
-            actions = total(only, {label: score}).actions
+            while added < len(steps) and steps[added][0] >= score:
+                actions += steps[added][1]
+                added += 1
             if actions < best_actions:
                 best, best_actions = k, actions
         # Halfway to the next lower score: a prediction scored a hair below the cheapest one is treated alike.
