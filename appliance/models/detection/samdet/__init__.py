@@ -20,4 +20,4 @@ from appliance import compat
 
 compat.install()  # before anything imports mmdet (mmcv-lite has no compiled ops)
 
-from appliance.models.detection.samdet import backbone, detector, inputs, prompted  # noqa: E402,F401  (registers the modules)
+from appliance.models.detection.samdet import backbone, detector, inputs, prompted  # noqa: E402,F401  (registers)

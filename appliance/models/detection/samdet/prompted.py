@@ -46,8 +46,8 @@ class SamPromptDetector(BaseDetector):
         self.scorer = nn.Sequential(nn.Linear(256 + EXTRA + 2 * num_classes, hidden), nn.ReLU(),
                                     nn.Dropout(0.2), nn.Linear(hidden, num_classes))
         self.norm = nn.LayerNorm(256, elementwise_affine=False)
-        self.test_cfg = {**dict(peaks=32, peak_thr=0.1, score_thr=0.05, nms_iou=0.5, max_per_img=100),
-                         **(test_cfg or {})}
+        defaults = dict(peaks=32, peak_thr=0.1, score_thr=0.05, nms_iou=0.5, max_per_img=100)
+        self.test_cfg = {**defaults, **(test_cfg or {})}
         self._train_candidates: dict[str, dict] = {}  # per image, for the run: SAM is frozen
 
     # --- mmdet's interface ----------------------------------------------------------------

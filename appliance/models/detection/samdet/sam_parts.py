@@ -109,3 +109,4 @@ def point_masks(prompt_encoder: torch.nn.Module, mask_decoder: torch.nn.Module, 
             logits.append(low_res.flatten(0, 1))
             ious.append(iou.flatten())
     return torch.cat(logits), torch.cat(ious)
+
