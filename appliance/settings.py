@@ -552,6 +552,13 @@ def env_name(field: str) -> str:
     return alias.choices[0] if isinstance(alias, AliasChoices) else field
 
 
+def _alias_set(field: str, environ) -> str | None:
+    """The first of a field's variables that ``environ`` sets (pydantic names the first alias, not the one used)."""
+    alias = Settings.model_fields[field].validation_alias
+    choices = alias.choices if isinstance(alias, AliasChoices) else []
+    return next((name for name in choices if isinstance(name, str) and name in environ), None)
+
+
 def _field_of(loc: str) -> str | None:
     """Errors name the alias that was read (an env var name) or the field name."""
     for name, field in Settings.model_fields.items():
@@ -565,14 +572,17 @@ def is_secret(field: str) -> bool:
     return "SecretStr" in str(Settings.model_fields[field].annotation)
 
 
-def explain(error: ValidationError) -> str:
-    """One line naming the variable, what is wrong with it and how to fix it (a secret's value is never shown)."""
+def explain(error: ValidationError, environ=None) -> str:
+    """One line naming the variable (the alias that was set in ``environ``), what is wrong with it and how to fix it
+    (a secret's value is never shown)."""
     first = error.errors()[0]
     if not first.get("loc"):  # a check across variables: its message names them
         return f"configuration error: {first.get('msg', 'invalid value').removeprefix('Value error, ')}."
     loc = str(first["loc"][0])
     field = _field_of(loc)
     name = loc if field is None or loc != field else env_name(field)
+    if field is not None:
+        name = _alias_set(field, environ or {}) or name
     message = first.get("msg", "invalid value").removeprefix("Value error, ")
     shown = "" if field is None or is_secret(field) else f" (got {first.get('input')!r})"
     more = len(error.errors()) - 1
@@ -600,7 +610,7 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
             return Settings()
         return Settings.model_validate({k: v for k, v in environ.items()})
     except ValidationError as error:
-        raise ConfigError(explain(error)) from None
+        raise ConfigError(explain(error, os.environ if environ is None else environ)) from None
 
 
 def fail(error: ConfigError) -> None:

@@ -47,15 +47,78 @@ def test_token_alias_is_accepted():
     assert load_settings({"LABEL_STUDIO_USER_TOKEN": "a" * 40}).api_key.get_secret_value() == "a" * 40
 
 
-@pytest.mark.parametrize("name,value", [("APPLIANCE_PORT", "eighty"), ("LABEL_STUDIO_API_KEY", "z" * 45)])
-def test_entrypoint_exits_with_one_line(tmp_path, name, value):
-    env = appliance_env(tmp_path / "data", **{name: value})
+def _refused_line(tmp_path, **variables) -> str:
+    """`appliance up` with ``variables``: it must exit 2 with one line, having started and written nothing."""
+    env = appliance_env(tmp_path / "data", **variables)
     proc = subprocess.run([sys.executable, "-m", "appliance", "up"], env=env, capture_output=True, text=True,
                           cwd=ROOT, timeout=60)
-    assert proc.returncode == 2
     lines = (proc.stdout + proc.stderr).strip().splitlines()
-    assert len(lines) == 1 and name in lines[0], lines
+    assert proc.returncode == 2 and len(lines) == 1, lines
     assert not (tmp_path / "data").exists()  # nothing was started or written
+    return lines[0]
+
+
+@pytest.mark.parametrize("name,value", [("APPLIANCE_PORT", "eighty"), ("LABEL_STUDIO_API_KEY", "z" * 45),
+                                        ("LABEL_STUDIO_USER_TOKEN", "y" * 60)])
+def test_entrypoint_exits_with_one_line(tmp_path, name, value):
+    line = _refused_line(tmp_path, **{name: value})
+    assert name in line
+    if name != "APPLIANCE_PORT":
+        assert value not in line  # a secret
+    if name == "LABEL_STUDIO_USER_TOKEN":  # the variable the user set, not its other spelling
+        assert "LABEL_STUDIO_API_KEY" not in line
+
+
+def _write(path, content) -> str:
+    import torch
+
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        torch.save(content, path)
+    return str(path)
+
+
+@pytest.mark.parametrize("case,expected", [
+    ("missing", "no file at"), ("empty", "is empty"), ("junk", "not a PyTorch checkpoint"),
+    ("detector", "not a Segment Anything state dict"), ("other-type", "holds SAM vit_t, but APPLIANCE_SAM_MODEL_TYPE"),
+])
+def test_a_sam_checkpoint_that_cannot_load_is_refused_before_start(tmp_path, case, expected):
+    import torch
+
+    from appliance.models.sam.weights import mobile_sam_path
+
+    variables = {}
+    if case == "missing":
+        variables["APPLIANCE_SAM_CHECKPOINT"] = str(tmp_path / "nonexistent" / "sam.pth")
+    elif case == "other-type":  # real MobileSAM weights declared as vit_b
+        variables.update(APPLIANCE_SAM_CHECKPOINT=str(mobile_sam_path()), APPLIANCE_SAM_MODEL_TYPE="vit_b")
+    else:
+        content = {"empty": b"", "junk": b"not a checkpoint at all" * 10,
+                   "detector": {"backbone.stem.weight": torch.zeros(2)}}[case]
+        variables["APPLIANCE_SAM_CHECKPOINT"] = _write(tmp_path / "sam.pth", content)
+    line = _refused_line(tmp_path, **variables)
+    assert line.startswith("configuration error: APPLIANCE_SAM_CHECKPOINT: ") and expected in line, line
+
+
+@pytest.mark.parametrize("case,expected", [("missing", "no file at"), ("junk", "not a PyTorch checkpoint"),
+                                           ("no-tensors", "no state dict of tensors"),
+                                           ("sam", "not a detector's state dict")])
+def test_detector_weights_that_cannot_load_are_refused_before_start(tmp_path, case, expected):
+    import torch
+
+    path = tmp_path / "detector.pth"
+    if case != "missing":
+        _write(path, {"junk": b"\x80\x02 truncated", "no-tensors": {"meta": {"epoch": 3}},
+                      "sam": {"image_encoder.x": torch.zeros(1)}}[case])
+    line = _refused_line(tmp_path, APPLIANCE_DETECTOR_WEIGHTS=str(path))
+    assert line.startswith("configuration error: APPLIANCE_DETECTOR_WEIGHTS: ") and expected in line, line
+
+
+def test_a_real_sam_checkpoint_set_explicitly_passes_the_check():
+    from appliance.models.sam.weights import inspect_checkpoint, mobile_sam_path
+
+    inspect_checkpoint(mobile_sam_path(), "vit_t")  # raises WeightsError when refused
 
 
 def test_busy_port_is_an_error_not_a_silent_hop(tmp_path):

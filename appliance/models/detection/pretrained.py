@@ -27,6 +27,32 @@ def resolve_classes(spec: str) -> list[str]:
     return coco_classes() if spec.strip().lower() == "coco" else [c.strip() for c in spec.split(",") if c.strip()]
 
 
+class PretrainedError(ValueError):
+    """APPLIANCE_DETECTOR_WEIGHTS cannot be an MMDetection detector's weights."""
+
+
+def inspect_weights(weights: Path) -> None:
+    """Refuse, before any program starts, weights that are missing, empty, not a PyTorch checkpoint or not a
+    detector's state dict (whether they fit the architecture is checked when they are imported)."""
+    import torch
+
+    weights = Path(weights).expanduser()
+    if not weights.is_file():
+        raise PretrainedError(f"no file at {weights}")
+    if weights.stat().st_size == 0:
+        raise PretrainedError(f"{weights} is empty")
+    try:
+        checkpoint = compat.load_trusted_checkpoint(weights)
+    except Exception as error:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+        raise PretrainedError(f"{weights} is not a PyTorch checkpoint ({first})") from None
+    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict) or not any(isinstance(v, torch.Tensor) for v in state.values()):
+        raise PretrainedError(f"{weights} holds no state dict of tensors (an MMDetection checkpoint has one)")
+    if not any(str(k).startswith("backbone.") for k in state):
+        raise PretrainedError(f"{weights} is not a detector's state dict (no backbone weights)")
+
+
 def import_pretrained(weights: Path, registry: ModelRegistry, classes: list[str], arch: str = DEFAULT_ARCH) -> str:
     """Publish ``weights`` as a new version (config, plain state dict, classes). Returns the version."""
     import torch

@@ -58,3 +58,44 @@ def verify_checkpoint(path: Path | str, sha256: str | None = None) -> Path:
                                f"the file is corrupt or a different model; reinstall it ({INSTALL_HINT})")
         _verified.add(key)
     return path
+
+
+SAM_PARTS = ("image_encoder.", "prompt_encoder.", "mask_decoder.")
+VIT_WIDTH = {"vit_b": 768, "vit_l": 1024, "vit_h": 1280}  # image_encoder.patch_embed.proj.weight's first dim
+
+
+def inspect_checkpoint(path: Path | str, model_type: str) -> None:
+    """Refuse a checkpoint that cannot be SAM ``model_type``'s before any program starts: missing, empty, not a
+    PyTorch file, not a bare SAM state dict, or another SAM architecture. Reads tensors' shapes only (memory-mapped),
+    so a 2.5 GB vit_h file costs no load."""
+    import torch
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise WeightsError(f"no file at {path}")
+    if path.stat().st_size == 0:
+        raise WeightsError(f"{path} is empty")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # mmap needs the zip format; an old pickle loads without it
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+            raise WeightsError(f"{path} is not a PyTorch checkpoint that loads without code ({first})") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+        raise WeightsError(f"{path} holds a {type(state).__name__}, not a SAM state dict")
+    missing = [part.rstrip(".") for part in SAM_PARTS if not any(k.startswith(part) for k in state)]
+    if missing:
+        raise WeightsError(f"{path} is not a Segment Anything state dict (no {', '.join(missing)} weights)")
+    found = _sam_type(state)
+    if found != model_type:
+        raise WeightsError(f"{path} holds SAM {found}, but APPLIANCE_SAM_MODEL_TYPE is {model_type}: set it to "
+                           f"{found}")
+
+
+def _sam_type(state: dict) -> str:
+    proj = state.get("image_encoder.patch_embed.proj.weight")
+    if proj is None:
+        return "vit_t"  # MobileSAM's TinyViT embeds patches with convolutions (patch_embed.seq)
+    return next((name for name, width in VIT_WIDTH.items() if width == proj.shape[0]), f"a ViT of width {proj.shape[0]}")

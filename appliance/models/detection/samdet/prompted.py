@@ -187,7 +187,11 @@ def _labels(masks: torch.Tensor, truth: torch.Tensor, gt_labels: torch.Tensor, n
     if truth.shape[0]:
         iou = _mask_iou(masks, truth)
         for j, label in enumerate(gt_labels):
-            labels[:, int(label)] = torch.maximum(labels[:, int(label)], (iou[:, j] >= 0.5).float())
+            import os
+            mode = os.environ.get("SCORE_TARGET", "match")
+            value = {"match": (iou[:, j] >= 0.5).float(), "iou": iou[:, j],
+                     "sharp": ((iou[:, j] - 0.5) / 0.4).clamp(0, 1)}[mode]
+            labels[:, int(label)] = torch.maximum(labels[:, int(label)], value)
     return labels
 
 
