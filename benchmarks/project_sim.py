@@ -9,7 +9,9 @@ images folder and a template with the project's labels (brush + smart keypoints)
 2. the cost model of appliance.models.detection.cost: a predicted mask matching an object of its label at
    IoU >= 0.85 is kept (0 actions), every other prediction deleted (1), every object not kept costs its SAM clicks
    through Label Studio's interactive endpoint (the simulated annotator of appliance.models.sam.annotator, at most
-   20), the submit 1. SAM clicks alone: every object's clicks + the submit, from the same clicks in the same run;
+   20; an object whose first click lands on a prediction is refined from it, as Label Studio sends the task's
+   predictions along), the submit 1. SAM clicks alone: every object's clicks + the submit, in the same run, from
+   the SAM backend asked with the task without its predictions;
 3. the true masks are submitted as the task's annotation (brush RLE), which the trainer picks up when it will.
 
 Prints per block of 10 photos and in total: objects, kept, deleted, clicks, actions per object with the loop and
@@ -43,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 from harness import Appliance, appliance_env  # noqa: E402
 
 from appliance.models.detection.cost import Cost, Photo, Predicted, Truth, photo_cost  # noqa: E402
-from appliance.models.sam.annotator import MAX_CLICKS, clicks_to_reach  # noqa: E402
+from appliance.models.sam.annotator import MAX_CLICKS, clicks_to_reach, interior  # noqa: E402
 from appliance.models.sam.masks import mask_to_brush_rle  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
@@ -86,6 +88,7 @@ class Session:
         state = app.state()
         self.sam, self.predict_id = state["ml_backends"]["sam"], state["ml_backends"]["predict"]
         self.backend = f"http://127.0.0.2:{app.env['APPLIANCE_PREDICT_PORT']}"
+        self.sam_backend = f"http://127.0.0.2:{app.env['APPLIANCE_SAM_PORT']}"
         self.auth = ("labelstudio", app.secrets()["APPLIANCE_BACKEND_SECRET"])
         self.config = app.api("GET", f"/api/projects/{state['project_id']}").json()["label_config"]
 
@@ -108,9 +111,17 @@ class Session:
         response = requests.post(f"{self.backend}/predict", auth=self.auth, timeout=300,
                                  json={"tasks": [task], "label_config": self.config})
         result = response.json()["results"][0]
-        return (result if "result" in result else None), time.perf_counter() - began, False
+        if "result" not in result:
+            return None, time.perf_counter() - began, False
+        # Label Studio keeps what it fetched when the task opened: the task's prediction, as the editor shows it.
+        self.app.api("POST", "/api/predictions", json={"task": task["id"], "result": result["result"],
+                                                        "score": result.get("score"),
+                                                        "model_version": result.get("model_version")})
+        return result, time.perf_counter() - began, False
 
-    def segment(self, task: dict, label: str, size: tuple[int, int], clicks) -> np.ndarray:
+    def segment(self, task: dict, label: str, size: tuple[int, int], clicks, alone: bool = False) -> np.ndarray:
+        """The mask of one object's clicks through Label Studio's interactive endpoint (a click on a prediction
+        refines it); ``alone``: the SAM backend asked directly with the task without its predictions."""
         from label_studio_sdk.converter.brush import decode_rle
 
         height, width = size
@@ -119,9 +130,16 @@ class Session:
                     "value": {"x": x * 100 / width, "y": y * 100 / height, "width": 0.5, "keypointlabels": [label]}}
                    for (x, y), positive in clicks]
         for attempt in range(60):  # the SAM backend may still be loading on the first photo
-            response = self.app.api("POST", f"/api/ml/{self.sam}/interactive-annotating",
-                                    json={"task": task["id"], "context": {"result": regions}})
-            masks = [r for r in (response.json().get("data") or {}).get("result", []) if r["type"] == "brushlabels"]
+            if alone:
+                response = requests.post(f"{self.sam_backend}/predict", auth=self.auth, timeout=300, json={
+                    "tasks": [{"id": task["id"], "data": task["data"]}], "label_config": self.config,
+                    "params": {"context": {"result": regions}}})
+                data = (response.json().get("results") or [{}])[0] if response.ok else {}
+            else:
+                response = self.app.api("POST", f"/api/ml/{self.sam}/interactive-annotating",
+                                        json={"task": task["id"], "context": {"result": regions}})
+                data = response.json().get("data") or {}
+            masks = [r for r in data.get("result", []) if r["type"] == "brushlabels"]
             if response.ok and masks:
                 return decode_rle(masks[0]["value"]["rle"]).reshape(height, width, 4)[:, :, 3] >= 128
             time.sleep(2)
@@ -191,12 +209,19 @@ def run(args) -> dict:
 def one_photo(session: Session, number: int, task: dict, objects: list[tuple[str, np.ndarray]]) -> dict:
     size = objects[0][1].shape
     prediction, waited, ahead = session.pre_annotation(task)
-    truths = []
-    for name, mask in objects:
-        clicks = clicks_to_reach(lambda c, name=name: session.segment(task, name, size, c), mask,
+    truths, seeds = [], {}
+    predicted = predicted_masks(prediction, size)
+    for j, (name, mask) in enumerate(objects):
+        clicks = clicks_to_reach(lambda c, name=name: session.segment(task, name, size, c, alone=True), mask,
                                  max_clicks=MAX_CLICKS)
         truths.append(Truth(name, mask, clicks))
-    cost = photo_cost(Photo(truths, predicted_masks(prediction, size)))
+        (x, y), _ = interior(mask)
+        under = [i for i, p in enumerate(predicted) if p.label == name and p.mask[y, x]]
+        if under:  # the first click lands on a prediction: through Label Studio, which sends it to SAM
+            seeds[j] = (max(under, key=lambda i: predicted[i].score),
+                        clicks_to_reach(lambda c, name=name: session.segment(task, name, size, c), mask,
+                                        max_clicks=MAX_CLICKS))
+    cost = photo_cost(Photo(truths, predicted, seeds=seeds))
     session.submit(task, objects)
     return {"photo": number, "version": (prediction or {}).get("model_version") or "none", "wait_s": round(waited, 3),
             "ahead": ahead, **{k: v for k, v in cost.as_dict().items() if k != "saved"}}

@@ -33,6 +33,15 @@ def test_kept_deleted_and_missed_objects():
     assert cost.actions == 2 + 7 + 1 and cost.sam_only == 2 + 3 + 4 + 1
 
 
+def test_an_almost_right_prediction_clicked_on_costs_its_refinement_and_its_deletion():
+    almost = Predicted("cat", 0.8, box(50, 50, 80, 68))  # B at IoU 0.6, under B's first click
+    photo = Photo(objects(), [Predicted("cat", 0.9, A), almost], seeds={1: (1, 1)})  # refined in 1 click
+    cost = photo_cost(photo)
+    assert (cost.kept, cost.deleted, cost.clicks) == (1, 1, 1 + 4)
+    hidden = photo_cost(photo, {"cat": 0.85})  # the seed not shown: B costs its clicks from nothing
+    assert (hidden.kept, hidden.deleted, hidden.clicks) == (1, 0, 3 + 4)
+
+
 def test_a_mask_over_two_objects_is_deleted_and_both_are_clicked():
     merged = A | box(20, 0, 40, 20)  # A and its neighbour in one mask: IoU 0.5 with each
     photo = Photo([Truth("cat", A, 2), Truth("cat", box(20, 0, 40, 20), 2)], [Predicted("cat", 0.9, merged)])
@@ -101,13 +110,25 @@ def test_the_saving_sentence():
 
 
 def test_chosen_thresholds_cost_what_the_cheapest_of_every_threshold_costs():
-    """The one-pass choice against trying every threshold, on random overlapping boxes of two classes."""
+    """The one-pass choice against trying every threshold, on random overlapping boxes of two classes, objects
+    refined from the prediction under their first click included."""
     rng = np.random.default_rng(3)
 
     def random_box() -> np.ndarray:
         x, y = rng.integers(0, 70, 2)
         w, h = rng.integers(10, 30, 2)
         return box(x, y, x + w, y + h)
+
+    def random_seeds(truths, predicted) -> dict:
+        """As holdout does: the best-scored prediction of the label under the object's first click seeds it."""
+        seeds = {}
+        for j, truth in enumerate(truths):
+            ys, xs = np.nonzero(truth.mask)
+            y, x = int(ys.mean()), int(xs.mean())
+            under = [i for i, q in enumerate(predicted) if q.label == truth.label and q.mask[y, x]]
+            if under:
+                seeds[j] = (max(under, key=lambda i: predicted[i].score), int(rng.integers(1, truth.clicks + 2)))
+        return seeds
 
     for _ in range(20):
         photos = []
@@ -117,11 +138,11 @@ def test_chosen_thresholds_cost_what_the_cheapest_of_every_threshold_costs():
             predicted = [Predicted(t.label, float(rng.choice([0.2, 0.5, 0.9])), t.mask) for t in truths[:2]]
             predicted += [Predicted(str(rng.choice(["cat", "dog"])), float(rng.random()), random_box())
                           for _ in range(4)]
-            photos.append(Photo(truths, predicted))
+            photos.append(Photo(truths, predicted, seeds=random_seeds(truths, predicted)))
         chosen = choose_thresholds(photos)
         for label, threshold in chosen.items():
-            only = [Photo([t for t in p.truths if t.label == label], [q for q in p.predicted if q.label == label])
-                    for p in photos]
-            candidates = [q.score for p in only for q in p.predicted] + [NO_PREDICTIONS]
-            cheapest = min(total(only, {label: s}).actions for s in candidates)
-            assert total(only, {label: threshold}).actions == cheapest
+            others = {"cat": NO_PREDICTIONS, "dog": NO_PREDICTIONS}
+            candidates = [q.score for p in photos for q in p.predicted if q.label == label] + [NO_PREDICTIONS]
+            cheapest = min(total(photos, {**others, label: s}).actions for s in candidates)
+            assert total(photos, {**others, label: threshold}).actions == cheapest
+

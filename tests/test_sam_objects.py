@@ -18,6 +18,7 @@ from PIL import Image
 from appliance.models.sam.cache import EmbeddingCache
 from appliance.models.sam.engine import PromptError, SamEngine
 from appliance.models.sam.objects import Click, ObjectSegmenter
+from appliance.models.sam.seeds import Seed
 from appliance.models.sam.weights import mobile_sam_path
 from test_fuzz import make_settings, wait_ready
 
@@ -91,6 +92,70 @@ def test_a_click_on_another_object_starts_a_second_mask(engine, embedding):
     misses = memory.stats()["misses"]
     segmenter.segment(embedding, "astronaut", [Click(FACE), Click(HELMET), Click((225, 100), False)])
     assert memory.stats()["misses"] == misses
+
+
+def person_seed() -> np.ndarray:
+    """An almost-right pre-annotation of the astronaut: a rough mask of her head and shoulders (the helmet outside)."""
+    seed = np.zeros((512, 512), bool)
+    seed[20:330, 110:350] = True
+    return seed
+
+
+def test_a_click_on_a_pre_annotated_mask_refines_it_from_its_box(engine, embedding):
+    segmenter = ObjectSegmenter(engine, EmbeddingCache(64 << 20))
+    seed = Seed(person_seed(), 0.7)
+    box = (110.0, 20.0, 350.0, 330.0)
+    assert seed.box == box
+    first = segmenter.segment(embedding, "astronaut", [Click(FACE)], [seed])
+    expected = engine.decode(embedding, [FACE], [1], box=box)
+    assert len(first) == 1 and np.array_equal(first[0].mask, expected.mask)
+    alone, _ = engine.segment(embedding, [FACE], [1])
+    assert first[0].mask.sum() > 1.5 * alone.sum()  # the box gives the person, the click alone the face
+    # The next click refines the same object, the box still its first prompt.
+    second = segmenter.segment(embedding, "astronaut", [Click(FACE), Click(HAIR)], [seed])
+    refined = engine.decode(embedding, [FACE, HAIR], [1, 1], box=box, mask_input=expected.logits)
+    assert len(second) == 1 and np.array_equal(second[0].mask, refined.mask)
+    # A prediction under the click that SAM's own mask of it mostly leaves (a wrong one) is not refined.
+    small = np.zeros((512, 512), bool)
+    small[FACE[1] - 10:FACE[1] + 10, FACE[0] - 10:FACE[0] + 10] = True
+    assert np.array_equal(segmenter.segment(embedding, "astronaut", [Click(FACE)], [Seed(small, 0.9)])[0].mask, alone)
+    # A click off every seed starts an ordinary object; no seed at all is the plain protocol.
+    both = segmenter.segment(embedding, "astronaut", [Click(FACE), Click(HELMET)], [seed])
+    helmet, _ = engine.segment(embedding, [HELMET], [1])
+    assert len(both) == 2 and np.array_equal(both[1].mask, helmet)
+    assert np.array_equal(segmenter.segment(embedding, "astronaut", [Click(FACE)])[0].mask, alone)
+
+
+def test_the_backend_refines_the_tasks_newest_prediction_of_the_clicked_label(sam, astronaut, engine, embedding):
+    from appliance.models.sam.masks import mask_to_brush_rle
+
+    def prediction(number: int, created: str, label: str, mask: np.ndarray) -> dict:
+        return {"id": number, "created_at": created, "model_version": f"v{number:04d}", "score": 0.7, "result": [
+            {"type": "brushlabels", "from_name": "mask", "to_name": "image", "original_width": 512,
+             "original_height": 512, "score": 0.7,
+             "value": {"format": "rle", "rle": mask_to_brush_rle(mask), "brushlabels": [label]}}]}
+
+    def mask_of(predictions: list[dict]) -> np.ndarray:
+        body = {"tasks": [{"id": 1, "data": {"image": _data_uri(astronaut)}, "predictions": predictions}],
+                "label_config": TEMPLATES["brush+polygon"], "params": {"context": {"result": [keypoint(FACE)]}}}
+        response = sam.post("/predict", json=body)
+        assert response.status_code == 200, response.data
+        region = response.get_json()["results"][0]["result"][0]
+        return decode_rle(region["value"]["rle"]).reshape(512, 512, 4)[:, :, 3] >= 128
+
+    seeded = engine.decode(embedding, [FACE], [1], box=(110.0, 20.0, 350.0, 330.0)).mask
+    alone, _ = engine.segment(embedding, [FACE], [1])
+    elsewhere = np.zeros((512, 512), bool)
+    elsewhere[400:500, 0:100] = True
+    assert np.array_equal(mask_of([prediction(1, "2026-01-01T00:00:00Z", "Person", person_seed())]), seeded)
+    assert np.array_equal(mask_of([prediction(1, "2026-01-01T00:00:00Z", "Animal", person_seed())]), alone)
+    # An older version's prediction is not what the editor shows: only the newest one seeds.
+    older, newer = (prediction(1, "2026-01-01T00:00:00Z", "Person", person_seed()),
+                    prediction(2, "2026-02-01T00:00:00Z", "Person", elsewhere))
+    assert np.array_equal(mask_of([older, newer]), alone)
+    broken = prediction(3, "2026-03-01T00:00:00Z", "Person", person_seed())
+    broken["result"][0]["value"]["rle"] = [1, 2, 3]  # does not decode: no seed, the click still answers
+    assert np.array_equal(mask_of([broken]), alone)
 
 
 def test_object_memory_is_bounded_and_a_lone_negative_click_is_refused(engine, embedding):

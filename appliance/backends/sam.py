@@ -1,7 +1,8 @@
 """Interactive Segment Anything backend: the model adapter between the protocol and the SAM engine.
 
 Clicks, negative clicks and boxes become one mask per object (``models/sam/objects.py`` decides which click
-belongs to which object, and feeds each object's previous mask back to SAM), written in the template's kinds:
+belongs to which object, and feeds each object's previous mask back to SAM; a click on a pre-annotated mask of
+the label refines it: Label Studio sends the task's predictions along), written in the template's kinds:
 a brush and a polygon when it has them, else a tight box. Embeddings come from a byte-bounded cache keyed by image
 content; one encoder thread computes them ahead for the tasks the annotator will open next, so a click only runs
 the decoder.
@@ -25,7 +26,9 @@ from appliance.backends.protocol import Backend, BadRequest, PredictRequest, Set
 from appliance.backends.url_memo import UrlMemo
 from appliance.models.sam.cache import EmbeddingCache, content_key
 from appliance.models.sam.engine import Embedding, PromptError, SamEngine
+from appliance.models.sam.masks import brush_rle_to_mask
 from appliance.models.sam.objects import Click, ObjectSegmenter
+from appliance.models.sam.seeds import Seed
 from appliance.models.sam.store import EmbeddingStore
 from appliance.settings import Settings
 from appliance.shared.embeddings import shared_embeddings
@@ -166,7 +169,8 @@ class SamBackend(Backend):
             raise PromptError(f"original size {size[1]}x{size[0]} is over APPLIANCE_IMAGE_MAX_MEGAPIXELS")
         embedding, key = self.embedding(labeling.image_url(task, spec.image_key), task.get("id"))
         segmenter = ObjectSegmenter(self._engine(), self.object_memory)
-        objects = segmenter.segment(embedding, key, _clicks(prompts, embedding.original_size))
+        seeds = _seeds(task, prompts.label, embedding.original_size)
+        objects = segmenter.segment(embedding, key, _clicks(prompts, embedding.original_size), seeds)
         regions = []
         for obj in objects:
             regions += labeling.mask_regions(spec, _to_size(obj.mask, size), prompts.label, obj.score)
@@ -185,6 +189,33 @@ def _clicks(prompts: Prompts, size: tuple[int, int]) -> list[Click]:
             clicks.append(Click(point=(item.point[0] * width / 100, item.point[1] * height / 100),
                                 positive=item.positive))
     return clicks
+
+
+def _seeds(task: dict, label: str, size: tuple[int, int]) -> list[Seed]:
+    """The pre-annotated masks of ``label`` in the task's newest prediction (the one the editor shows; Label Studio
+    sends the task's predictions with each interactive request), in the frame SAM encoded: a click on one refines
+    it. A region that does not decode is no seed (the click is then an ordinary one)."""
+    predictions = [p for p in task.get("predictions") or [] if isinstance(p, dict)]
+    if not predictions:
+        return []
+    seeds = []
+    for region in max(predictions, key=_created).get("result") or []:
+        value = region.get("value") if isinstance(region, dict) else None
+        if not isinstance(value, dict) or region.get("type") != "brushlabels" \
+                or value.get("brushlabels") != [label] or value.get("format") != "rle":
+            continue
+        try:
+            mask = brush_rle_to_mask(value["rle"], int(region["original_height"]), int(region["original_width"]))
+        except (KeyError, TypeError, ValueError):
+            continue
+        score = region.get("score")
+        seeds.append(Seed(_to_size(mask, size), float(score) if isinstance(score, (int, float)) else 0.0))
+    return seeds
+
+
+def _created(prediction: dict) -> tuple[str, int]:
+    number = prediction.get("id")
+    return str(prediction.get("created_at") or ""), number if isinstance(number, int) else 0
 
 
 def _to_size(mask: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:

@@ -6,7 +6,9 @@ The cost model (the same in the trainer's gate and in benchmarks/project_sim.py)
   object: a second one on the same object is a duplicate);
 - every other prediction is **deleted**: 1 action each (a wrong object, a wrong label, or an almost-right mask);
 - every object no kept prediction covers costs its **SAM clicks** (the simulated annotator of
-  appliance.models.sam.annotator, at most MAX_CLICKS);
+  appliance.models.sam.annotator, at most MAX_CLICKS); when its first click lands on a shown prediction of its label
+  (the best-scored one there), the SAM backend refines that prediction (its box is the first prompt), so the object
+  costs the clicks from there (``Photo.seeds``) and the prediction is still deleted;
 - the **submit**: 1 action per photo.
 
 With SAM clicks alone a photo costs the clicks of all its objects plus the submit. A score threshold per class
@@ -75,6 +77,9 @@ class Photo:
     truths: list[Truth]
     predicted: list[Predicted] = field(default_factory=list)
     _ious: np.ndarray | None = field(default=None, repr=False)
+    # {object index: (prediction index, clicks)}: the best-scored prediction under the object's first click, and
+    # SAM's clicks when the object is refined from it.
+    seeds: dict[int, tuple[int, int]] = field(default_factory=dict)
 
     def ious(self) -> np.ndarray:
         """IoU of every prediction (rows) with every object (columns), computed once."""
@@ -88,10 +93,16 @@ def photo_cost(photo: Photo, thresholds: dict[str, float] | None = None, default
     thresholds = thresholds or {}
     shown = [i for i, p in enumerate(photo.predicted) if p.score >= thresholds.get(p.label, default)]
     kept = match(photo, shown)
-    missed = [t for j, t in enumerate(photo.truths) if j not in kept.values()]
+    visible = set(shown)
+    clicks = sum(_clicks(photo, j, visible) for j in range(len(photo.truths)) if j not in kept.values())
     return Cost(photos=1, objects=len(photo.truths), kept=len(kept), deleted=len(shown) - len(kept),
-                clicks=sum(t.clicks for t in missed), sam_only=sum(t.clicks for t in photo.truths) + 1,
-                predictions=len(shown))
+                clicks=clicks, sam_only=sum(t.clicks for t in photo.truths) + 1, predictions=len(shown))
+
+
+def _clicks(photo: Photo, j: int, shown: set[int]) -> int:
+    """Object ``j``'s clicks: from its seed when that prediction is shown, else SAM's from nothing."""
+    seed = photo.seeds.get(j)
+    return seed[1] if seed is not None and seed[0] in shown else photo.truths[j].clicks
 
 
 def match(photo: Photo, shown: list[int] | None = None, keep_iou: float = KEEP_IOU) -> dict[int, int]:
@@ -128,20 +139,31 @@ def choose_thresholds(photos: list[Photo]) -> dict[str, float]:
     for label in labels:
         only = [_only(photo, label) for photo in photos]
         # Greedy matching goes by score, so the predictions shown at a threshold match as they do among all of
-        # them: lowering the threshold past a prediction adds its own change (a deletion, or its object's clicks
-        # saved). One pass per class, in score order.
-        steps = []
-        for photo in only:
-            kept = match(photo)
-            steps += [(p.score, -photo.truths[kept[i]].clicks if i in kept else 1)
-                      for i, p in enumerate(photo.predicted)]
-        steps.sort(key=lambda step: -step[0])
-        scores = sorted({score for score, _ in steps}, reverse=True)
+        # them, and an object's seed (the best-scored prediction under its first click) is shown from its score
+        # down: lowering the threshold past a prediction changes only its own cost (a deletion, or its object's
+        # clicks saved) and the clicks of the objects it seeds. One pass per class, in score order.
+        steps = sorted(((p.score, n, i) for n, photo in enumerate(only) for i, p in enumerate(photo.predicted)),
+                       key=lambda step: -step[0])
+        keepers = [match(photo) for photo in only]
+        seeding = [_seeding(photo) for photo in only]
+        clicks = [[t.clicks for t in photo.truths] for photo in only]  # each object's clicks as shown so far
+        kept: set[tuple[int, int]] = set()
+        scores = sorted({score for score, _, _ in steps}, reverse=True)
         actions = best_actions = total(only, {label: NO_PREDICTIONS}).actions
         best, added = len(scores), 0
         for k, score in enumerate(scores):
             while added < len(steps) and steps[added][0] >= score:
-                actions += steps[added][1]
+                _, n, i = steps[added]
+                if i in keepers[n]:
+                    j = keepers[n][i]
+                    actions -= clicks[n][j]
+                    kept.add((n, j))
+                else:
+                    actions += 1
+                for j, from_seed in seeding[n].get(i, []):
+                    if (n, j) not in kept:
+                        actions += from_seed - clicks[n][j]
+                        clicks[n][j] = from_seed
                 added += 1
             if actions < best_actions:
                 best, best_actions = k, actions
@@ -154,8 +176,18 @@ def choose_thresholds(photos: list[Photo]) -> dict[str, float]:
 def _only(photo: Photo, label: str) -> Photo:
     keep = [i for i, p in enumerate(photo.predicted) if p.label == label]
     objects = [j for j, t in enumerate(photo.truths) if t.label == label]
+    seeds = {objects.index(j): (keep.index(i), clicks) for j, (i, clicks) in photo.seeds.items()
+             if j in objects and i in keep}
     return Photo([photo.truths[j] for j in objects], [photo.predicted[i] for i in keep],
-                 photo.ious()[np.ix_(keep, objects)])
+                 photo.ious()[np.ix_(keep, objects)], seeds)
+
+
+def _seeding(photo: Photo) -> dict[int, list[tuple[int, int]]]:
+    """{prediction index: [(object index, clicks from it)]}: the objects each prediction seeds."""
+    out: dict[int, list[tuple[int, int]]] = {}
+    for j, (i, clicks) in photo.seeds.items():
+        out.setdefault(i, []).append((j, clicks))
+    return out
 
 
 def _iou_matrix(predicted: list[np.ndarray], truths: list[np.ndarray]) -> np.ndarray:

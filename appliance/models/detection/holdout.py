@@ -1,7 +1,8 @@
 """A model scored on the held-out tasks: COCO AP, and what its pre-annotations cost the annotator (cost.py).
 
 SAM's clicks for each held-out object are computed once per run with the SAM engine the SAM backend uses (on the
-embedding it stored for the image, when there is one) and shared by every model scored on the same tasks.
+embedding it stored for the image, when there is one) and shared by every model scored on the same tasks; the
+clicks of an object refined from the prediction under its first click, per model.
 """
 
 from __future__ import annotations
@@ -19,8 +20,11 @@ from PIL import Image
 from appliance.models.detection import cost
 from appliance.models.detection.evaluate import LabelOf, evaluate_detections
 from appliance.models.detection.model import Detection, Detector
+from appliance.models.sam.annotator import interior
 
 EVAL_THRESHOLD = 0.1  # the lowest score considered: AP is measured on these, thresholds are chosen above it
+
+Clicker = Callable[..., int]  # (object's mask, seed=None) -> SAM's clicks for it, refining the seed mask
 
 
 @dataclass
@@ -30,6 +34,7 @@ class HeldOut:
     images: list[np.ndarray]
     keys: list[str | None]
     truths: list[list[cost.Truth]]
+    clickers: list[Clicker]
 
 
 def has_photos(holdout: Path) -> bool:
@@ -37,10 +42,9 @@ def has_photos(holdout: Path) -> bool:
     return annotations.exists() and bool(json.loads(annotations.read_text()).get("images"))
 
 
-def load(holdout: Path, clicks_for: Callable[[np.ndarray, str | None], Callable[[np.ndarray], int]] | None
-         ) -> HeldOut | None:
-    """The held-out set of a run, with SAM's clicks for every object (``clicks_for(image, key)`` -> the clicks of
-    one object's mask on that image); None when the set is empty."""
+def load(holdout: Path, clicks_for: Callable[[np.ndarray, str | None], Clicker] | None) -> HeldOut | None:
+    """The held-out set of a run, with SAM's clicks for every object (``clicks_for(image, key)`` -> the clicker
+    of that image); None when the set is empty."""
     from pycocotools.coco import COCO
 
     if not has_photos(holdout):
@@ -50,19 +54,20 @@ def load(holdout: Path, clicks_for: Callable[[np.ndarray, str | None], Callable[
     if not gt.getImgIds():
         return None
     names = {c["id"]: c["name"] for c in gt.loadCats(gt.getCatIds())}
-    ids, images, keys, truths = [], [], [], []
+    ids, images, keys, truths, clickers = [], [], [], [], []
     for image_id in gt.getImgIds():
         info = gt.loadImgs(image_id)[0]
         image = np.asarray(Image.open(holdout / "images" / info["file_name"]).convert("RGB"))
         key = info.get("content_key")
-        clicks = clicks_for(image, key) if clicks_for else (lambda mask: 1)
+        clicks = clicks_for(image, key) if clicks_for else (lambda mask, seed=None: 1)
         objects = [(names[a["category_id"]], gt.annToMask(a).astype(bool))
                    for a in gt.loadAnns(gt.getAnnIds(imgIds=image_id)) if not a.get("iscrowd")]
         ids.append(image_id)
         images.append(image)
         keys.append(key)
+        clickers.append(clicks)
         truths.append([cost.Truth(label, mask, clicks(mask)) for label, mask in objects if mask.any()])
-    return HeldOut(gt, ids, images, keys, truths)
+    return HeldOut(gt, ids, images, keys, truths, clickers)
 
 
 def score(detector: Detector, held: HeldOut, label_of: LabelOf | None = None,
@@ -76,7 +81,10 @@ def score(detector: Detector, held: HeldOut, label_of: LabelOf | None = None,
     if thresholds is not None or default_threshold is not None:
         found = [[d for d in dets if d.score >= (thresholds or {}).get(d.label, default_threshold or 0.0)]
                  for dets in found]
-    photos = [cost.Photo(truths, _predicted(dets, label_of)) for truths, dets in zip(held.truths, found)]
+    photos = []
+    for truths, dets, clicker in zip(held.truths, found, held.clickers):
+        predicted = _predicted(dets, label_of)
+        photos.append(cost.Photo(truths, predicted, seeds=_seeds(truths, predicted, clicker)))
     if thresholds is None and default_threshold is None:
         thresholds = cost.choose_thresholds(photos)
         costed = cost.total(photos, thresholds)
@@ -94,7 +102,21 @@ def _predicted(detections: list[Detection], label_of: LabelOf | None) -> list[co
     return out
 
 
-def sam_clicks(engine, store=None) -> Callable[[np.ndarray, str | None], Callable[[np.ndarray], int]]:
+def _seeds(truths: list[cost.Truth], predicted: list[cost.Predicted], clicker: Clicker
+           ) -> dict[int, tuple[int, int]]:
+    """cost.Photo.seeds: for each object whose first click lands on a prediction of its label, the best-scored one
+    there and SAM's clicks refining it, as the SAM backend does (models/sam/seeds.py)."""
+    seeds = {}
+    for j, truth in enumerate(truths):
+        (x, y), _ = interior(truth.mask)
+        under = [i for i, p in enumerate(predicted) if p.label == truth.label and p.mask[y, x]]
+        if under:
+            best = max(under, key=lambda i: predicted[i].score)
+            seeds[j] = (best, clicker(truth.mask, seed=predicted[best].mask))
+    return seeds
+
+
+def sam_clicks(engine, store=None) -> Callable[[np.ndarray, str | None], Clicker]:
     """clicks_for(image, key) with SAM ``engine``: the image's embedding from ``store`` (an EmbeddingStore) by its
     content key, else encoded (and stored)."""
     from appliance.models.sam.annotator import EngineClicks

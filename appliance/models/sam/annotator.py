@@ -14,6 +14,8 @@ from typing import Callable, Sequence
 import cv2
 import numpy as np
 
+from .seeds import Seed, mask_box
+
 Click = tuple[tuple[int, int], bool]  # ((x, y), positive)
 Segment = Callable[[Sequence[Click]], np.ndarray]  # all the object's clicks so far -> its mask
 
@@ -60,20 +62,29 @@ def clicks_to_reach(segment: Segment, truth: np.ndarray, goal: float = KEEP_IOU,
 
 class EngineClicks:
     """SAM's own click protocol on one image embedding: the first click picks the best of SAM's three masks, each
-    next one decodes all the clicks with the previous mask's logits as ``mask_input`` (as SamPredictor is used)."""
+    next one decodes all the clicks with the previous mask's logits as ``mask_input`` (as SamPredictor is used).
+    With a ``seed`` (the prediction under the first click) the object is refined from it as the SAM backend does
+    (seeds.py): every decode has its box, when SAM agrees the click is on it."""
 
     def __init__(self, engine, embedding) -> None:
         self.engine, self.embedding = engine, embedding
         self._logits = None
+        self._box = None
 
     def segment(self, clicks: Sequence[Click]) -> np.ndarray:
         mask_input = None if len(clicks) == 1 else self._logits
         decoded = self.engine.decode(self.embedding, [p for p, _ in clicks], [int(pos) for _, pos in clicks],
-                                     mask_input=mask_input)
+                                     box=self._box, mask_input=mask_input)
         self._logits = decoded.logits
         return decoded.mask
 
-    def clicks(self, truth: np.ndarray, goal: float = KEEP_IOU, max_clicks: int = MAX_CLICKS) -> int:
+    def clicks(self, truth: np.ndarray, goal: float = KEEP_IOU, max_clicks: int = MAX_CLICKS,
+               seed: np.ndarray | None = None) -> int:
         if not truth.any():
             return 0
+        self._box = None
+        if seed is not None:
+            alone = self.engine.decode(self.embedding, [interior(truth)[0]], [1]).mask
+            if Seed(seed, 1.0).confirmed_by(alone):
+                self._box = mask_box(seed)
         return clicks_to_reach(self.segment, truth, goal, max_clicks)

@@ -9,7 +9,9 @@ on each click). They are split into objects, one mask each:
   object's mask (a missed part of it); otherwise it starts a new object, so a second object is never glued to the
   first one;
 - a negative click refines the newest object whose mask holds it, else the newest object;
-- an object whose mask became empty (negative clicks) takes the next click.
+- an object whose mask became empty (negative clicks) takes the next click;
+- a positive click that starts an object on a pre-annotated mask of its label starts from it when SAM agrees
+  (``seeds.py``): the prediction's box is the object's first prompt.
 
 Each object's decode after its first click feeds the object's previous low-resolution logits as ``mask_input``,
 as the bare SamPredictor does. Decodes are remembered by image and click sequence (bounded by bytes), so a click
@@ -26,6 +28,7 @@ import numpy as np
 
 from .cache import EmbeddingCache
 from .engine import Box, Decoded, Embedding, Point, PromptError, SamEngine
+from .seeds import Seed, seed_at
 
 NEAR_FRACTION = 0.01  # "near a mask": within 1% of the image's longer side
 
@@ -78,8 +81,10 @@ class ObjectSegmenter:
         self.engine = engine
         self.memory = memory
 
-    def segment(self, embedding: Embedding, image_key: str, clicks: list[Click]) -> list[SegmentedObject]:
-        """The objects ``clicks`` describe, in the order their first click came."""
+    def segment(self, embedding: Embedding, image_key: str, clicks: list[Click],
+                seeds: list[Seed] = ()) -> list[SegmentedObject]:
+        """The objects ``clicks`` describe, in the order their first click came; a new object clicked on one of
+        ``seeds`` (pre-annotated masks of the label) starts from it."""
         if not clicks:
             raise PromptError("no prompt: give at least one point or a box")
         objects: list[SegmentedObject] = []
@@ -89,11 +94,19 @@ class ObjectSegmenter:
             if target is None:
                 if not click.positive:
                     raise PromptError("only negative points: add a positive point or a box")
-                objects.append(self._decode(embedding, image_key, (click,), None))
+                objects.append(self._start(embedding, image_key, click, seeds))
             else:
                 index = objects.index(target)
                 objects[index] = self._decode(embedding, image_key, target.clicks + (click,), target)
         return objects
+
+    def _start(self, embedding: Embedding, image_key: str, click: Click, seeds) -> SegmentedObject:
+        """A new object at a positive click: from the prediction under it when SAM agrees (seeds.py)."""
+        alone = self._decode(embedding, image_key, (click,), None)
+        seed = seed_at(seeds, click.point) if click.box is None else None
+        if seed is None or not seed.confirmed_by(alone.mask):
+            return alone
+        return self._decode(embedding, image_key, (Click(box=seed.box), click), None)
 
     def _target(self, embedding: Embedding, image_key: str, objects: list[SegmentedObject], click: Click,
                 near: int) -> SegmentedObject | None:
