@@ -45,14 +45,12 @@ def resolve_arch(arch: str, annotations: Path) -> str:
     benchmarks/learning_curve.py on ../shared/data (README, "What the first useful model needs")."""
     if arch != AUTO:
         return arch
-    import json
     import statistics
 
-    coco = json.loads(Path(annotations).read_text())
-    per_image = {i["id"]: 0 for i in coco.get("images", [])}
-    for ann in coco.get("annotations", []):
-        per_image[ann["image_id"]] = per_image.get(ann["image_id"], 0) + 1
-    typical = statistics.median(per_image.values()) if per_image else 0
+    from appliance.models.detection.dataset_stats import objects_per_image
+
+    counts = objects_per_image(annotations)
+    typical = statistics.median(counts) if counts else 0
     return SAM_DET if typical > DENSE_OBJECTS else SAM_PROMPT
 
 

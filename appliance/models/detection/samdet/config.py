@@ -57,15 +57,12 @@ def prompted_model(num_classes: int, sam_model_type: str = "vit_t", sam_checkpoi
 def peaks_for(annotations: Path) -> int:
     """sam-prompt's prompts per image: twice the objects of a busy training image (its 90th percentile), 24 to 128
     (each costs a SAM decoder pass, ~0.1 s on a CPU core)."""
-    import json
-
     import numpy as np
 
-    coco = json.loads(annotations.read_text())
-    per_image = {i["id"]: 0 for i in coco.get("images", [])}
-    for ann in coco.get("annotations", []):
-        per_image[ann["image_id"]] = per_image.get(ann["image_id"], 0) + 1
-    busy = float(np.percentile(list(per_image.values()), 90)) if per_image else 0.0
+    from appliance.models.detection.dataset_stats import objects_per_image
+
+    counts = objects_per_image(annotations)
+    busy = float(np.percentile(counts, 90)) if counts else 0.0
     return int(min(128, max(24, round(2 * busy))))
 
 
