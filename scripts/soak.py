@@ -7,7 +7,8 @@ recover (supervisord shows it RUNNING with a new pid and, for a server, its /hea
 The load runs for at least T seconds and until the last program recovered.
 
 Reported: p50/p95 latency and error counts per endpoint, recovery time per program, and the lost-annotation
-check: the annotations acknowledged (201) == the ones Label Studio has == the ones in the journal.
+check: every annotation acknowledged (201) is in Label Studio, and every one there is in the journal (Label Studio may
+also hold the few whose submit lost its answer to a killed program: stored once, never lost).
 
     python scripts/soak.py --start                       # a throwaway appliance on a temporary volume
     python scripts/soak.py --annotators 2 --seconds 30   # against the appliance the environment describes
@@ -219,7 +220,8 @@ def report(stats: Stats, kills: dict, check: dict, seconds: float, annotators: i
               f"in Label Studio: {check['studio']}   in the journal: {check['journal']}",
               f"lost (acknowledged, not in Label Studio): {check['lost_in_studio']}",
               f"missing from the journal: {check['missing_in_journal']}",
-              f"in Label Studio but never acknowledged: {check['unacknowledged']}",
+              f"in Label Studio but never acknowledged: {check['unacknowledged']} (allowed: as many as the submits "
+              f"whose answer was lost, {stats.errors.get('submit', 0)})",
               f"lost-annotation check: {'PASS' if check['ok'] else 'FAIL'}"]
     return "\n".join(lines)
 
@@ -256,8 +258,10 @@ def run(target: Target, annotators: int, seconds: float, programs: list[str]) ->
              "lost_in_studio": sorted(stats.submitted - studio_ids),
              "missing_in_journal": sorted(studio_ids - journal_ids),
              "unacknowledged": sorted(studio_ids - stats.submitted)}
+    # A submit whose answer died with a killed program may have been stored all the same (at least once, never
+    # lost): Label Studio may hold at most that many annotations nobody saw acknowledged.
     check["ok"] = not check["lost_in_studio"] and not check["missing_in_journal"] and \
-        len(stats.submitted) == len(studio_ids) == len(journal_ids)
+        len(studio_ids) == len(journal_ids) and len(check["unacknowledged"]) <= stats.errors.get("submit", 0)
     return report(stats, kills, check, load_seconds, annotators), check["ok"] and all(
         k.get("recovered") for k in kills.values())
 
