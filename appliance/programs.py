@@ -10,7 +10,6 @@ from appliance import studio
 from appliance.settings import Settings
 
 PROGRAMS = ("studio", "sam", "predict", "train", "bootstrap")
-ROLE_OF = {"studio": "studio", "sam": "sam", "predict": "predict", "train": "train", "bootstrap": "studio"}
 BIN = Path(sys.executable).parent
 
 

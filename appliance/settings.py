@@ -12,7 +12,6 @@ import binascii
 import json
 import os
 import re
-import sys
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
@@ -482,10 +481,6 @@ class Settings(BaseSettings):
         return self.data / "run"
 
     @property
-    def logs_dir(self) -> Path:
-        return self.data / "logs"
-
-    @property
     def models_dir(self) -> Path:
         return self.data / "models"
 
@@ -612,7 +607,3 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
     except ValidationError as error:
         raise ConfigError(explain(error, os.environ if environ is None else environ)) from None
 
-
-def fail(error: ConfigError) -> None:
-    print(error.line, file=sys.stderr)
-    raise SystemExit(error.code)

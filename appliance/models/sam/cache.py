@@ -84,11 +84,6 @@ class EmbeddingCache:
             return {"entries": len(self._entries), "bytes": self._bytes, "max_bytes": self.max_bytes,
                     "hits": self._hits, "misses": self._misses, "evictions": self._evictions}
 
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-            self._bytes = 0
-
     def __len__(self) -> int:
         with self._lock:
             return len(self._entries)
