@@ -130,10 +130,12 @@ def total(photos: list[Photo], thresholds: dict[str, float] | None = None, defau
     return cost
 
 
-def choose_thresholds(photos: list[Photo]) -> dict[str, float]:
+def choose_thresholds(photos: list[Photo], floor: float | None = None) -> dict[str, float]:
     """Per predicted class, the score threshold that costs the annotator least on ``photos`` (classes do not
     interact: a prediction is kept only by an object of its own label). Ties go to the higher threshold (fewer
-    predictions shown); NO_PREDICTIONS when showing none of the class is cheapest."""
+    predictions shown); NO_PREDICTIONS when showing none of the class is cheapest. When showing every prediction
+    is cheapest and ``floor`` is the lowest score the photos were predicted at, the threshold is halfway down to
+    it: a good prediction on a served photo scored a little below the held-out ones is shown too."""
     labels = sorted({p.label for photo in photos for p in photo.predicted})
     chosen = {}
     for label in labels:
@@ -168,8 +170,9 @@ def choose_thresholds(photos: list[Photo]) -> dict[str, float]:
             if actions < best_actions:
                 best, best_actions = k, actions
         # Halfway to the next lower score: a prediction scored a hair below the cheapest one is treated alike.
+        lower = scores[best + 1] if best + 1 < len(scores) else floor
         chosen[label] = (NO_PREDICTIONS if best == len(scores) else
-                         round((scores[best] + scores[best + 1]) / 2, 6) if best + 1 < len(scores) else scores[best])
+                         scores[best] if lower is None else round((scores[best] + lower) / 2, 6))
     return chosen
 
 

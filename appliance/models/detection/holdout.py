@@ -86,7 +86,7 @@ def score(detector: Detector, held: HeldOut, label_of: LabelOf | None = None,
         predicted = _predicted(dets, label_of)
         photos.append(cost.Photo(truths, predicted, seeds=_seeds(truths, predicted, clicker)))
     if thresholds is None and default_threshold is None:
-        thresholds = cost.choose_thresholds(photos)
+        thresholds = cost.choose_thresholds(photos, floor=EVAL_THRESHOLD)
         costed = cost.total(photos, thresholds)
     else:
         costed = cost.total(photos)
