@@ -157,6 +157,15 @@ def _credentials(args) -> None:
           f"password: {settings.secret('password')}\napi key:  {settings.secret('api_key')}")
 
 
+def _export_onnx(args) -> None:
+    from appliance.models.sam.engine import SamEngine
+    from appliance.models.sam.onnx_encoder import INSTALLED_DIR, cache_path, export
+
+    engine = SamEngine(device="cpu")  # the bundled MobileSAM
+    path = cache_path(Path(args.output) if args.output else INSTALLED_DIR, engine.checkpoint, engine.model_type)
+    print(path if path.is_file() else export(engine.model.image_encoder, engine.image_size, path))
+
+
 def _build_template(args) -> None:
     from appliance import studio
 
@@ -225,6 +234,9 @@ def parser() -> argparse.ArgumentParser:
     bt = sub.add_parser("build-template", help="migrate an empty Label Studio database (install time)")
     bt.add_argument("--output", required=True)
     bt.set_defaults(func=_build_template)
+    ox = sub.add_parser("export-onnx", help="export the bundled SAM image encoder for ONNX Runtime (install time)")
+    ox.add_argument("--output", help="folder (default: inside this Python environment, where the SAM backend looks)")
+    ox.set_defaults(func=_export_onnx)
     sub.add_parser("config", help="print the environment variables as a Markdown table").set_defaults(func=_config)
     bk = sub.add_parser("backup", help="write a consistent .tar.gz of the data volume (while running is fine)")
     bk.add_argument("--output", required=True, help="the archive to write, e.g. backup.tar.gz (mode 0600)")

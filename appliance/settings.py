@@ -143,6 +143,10 @@ class Settings(BaseSettings):
         description="SAM architecture of the checkpoint: vit_t (MobileSAM), vit_b, vit_l or vit_h.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", validation_alias=_env("APPLIANCE_DEVICE"),
                                                    description="Where models run: auto picks the GPU when present.")
+    sam_encoder: Literal["auto", "torch"] = Field(
+        "auto", validation_alias=_env("APPLIANCE_SAM_ENCODER"),
+        description="SAM image encoder on a CPU: auto runs it on ONNX Runtime (exported once per checkpoint into "
+                    "<data>/cache/onnx; PyTorch meanwhile and if the export fails), torch keeps PyTorch.")
     sam_cache_mb: int = Field(256, ge=16, le=65536, validation_alias=_env("APPLIANCE_SAM_CACHE_MB"),
                               description="Memory for cached image embeddings (MobileSAM: 4 MB per image).")
     embedding_store_mb: int = Field(2048, ge=0, le=1048576, validation_alias=_env("APPLIANCE_EMBEDDING_STORE_MB"),
@@ -491,6 +495,10 @@ class Settings(BaseSettings):
     @property
     def cache_dir(self) -> Path:
         return self.data / "cache"
+
+    @property
+    def onnx_dir(self) -> Path:
+        return self.cache_dir / "onnx"
 
     @property
     def embeddings_dir(self) -> Path:

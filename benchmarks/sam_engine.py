@@ -1,6 +1,9 @@
 """Latency of the interactive SAM engine: the image encoder alone, and one decoder call per click.
 
-    python benchmarks/sam_engine.py --threads 2 --clicks 20 --encodes 3
+    python benchmarks/sam_engine.py --threads 2 --clicks 20 --encodes 3 --encoders torch,onnx
+
+``--encoders torch,onnx`` runs the same photos with PyTorch's image encoder and with its ONNX Runtime export
+(``SamEngine.use_onnx``, exported into a temporary folder first), so the rows compare on one machine in one run.
 
 Functions are importable so a larger benchmark can reuse them (``measure_encoder``, ``measure_decoder``).
 """
@@ -9,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -53,11 +57,11 @@ def p50_p95(samples: list[float]) -> tuple[float, float]:
     return float(np.percentile(samples, 50)), float(np.percentile(samples, 95))
 
 
-def format_table(rows: list[tuple[str, str, str, int, float, float]]) -> str:
-    header = f"{'image':<10} {'size':>9} {'stage':<8} {'n':>3} {'p50 ms':>9} {'p95 ms':>9}"
-    lines = [header, "-" * len(header)]
-    lines += [f"{img:<10} {size:>9} {stage:<8} {n:>3} {p50:>9.1f} {p95:>9.1f}"
-              for img, size, stage, n, p50, p95 in rows]
+def format_table(rows: list[tuple[str, str, str, str, int, float, float]]) -> str:
+    header = "| image | size | encoder | stage | n | p50 ms | p95 ms |"
+    lines = [header, "|---|---|---|---|---|---|---|"]
+    lines += [f"| {img} | {size} | {encoder} | {stage} | {n} | {p50:.1f} | {p95:.1f} |"
+              for img, size, encoder, stage, n, p50, p95 in rows]
     return "\n".join(lines)
 
 
@@ -66,8 +70,9 @@ def run(engine: SamEngine, photos: list[str], clicks: int, encodes: int) -> list
     for name in photos:
         image = PHOTOS[name]()
         size = f"{image.shape[1]}x{image.shape[0]}"
-        rows.append((name, size, "encoder", encodes, *p50_p95(measure_encoder(engine, image, encodes))))
-        rows.append((name, size, "decoder", clicks, *p50_p95(measure_decoder(engine, image, clicks))))
+        encoder = engine.encoder_name
+        rows.append((name, size, encoder, "encoder", encodes, *p50_p95(measure_encoder(engine, image, encodes))))
+        rows.append((name, size, encoder, "decoder", clicks, *p50_p95(measure_decoder(engine, image, clicks))))
     return rows
 
 
@@ -80,11 +85,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--checkpoint", type=Path, default=None, help="default: the bundled MobileSAM")
     parser.add_argument("--model-type", default="vit_t")
+    parser.add_argument("--encoders", default="torch", help="comma-separated: torch, onnx (CPU only)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     engine = SamEngine(args.checkpoint, args.model_type, args.device)
     print(f"SAM {args.model_type} on {engine.device}, torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
-    print(format_table(run(engine, args.photos.split(","), args.clicks, args.encodes)))
+    rows = []
+    with tempfile.TemporaryDirectory() as cache:
+        for encoder in args.encoders.split(","):
+            if encoder == "onnx":
+                engine.use_onnx(Path(cache), args.threads)
+            rows += run(engine, args.photos.split(","), args.clicks, args.encodes)
+    print(format_table(rows))
 
 
 if __name__ == "__main__":

@@ -109,12 +109,14 @@ class Sam:
     def health(self) -> dict:
         return self.session.get(f"{self.url}/health", timeout=10).json()
 
-    def wait_ready(self, timeout: float = 240) -> None:
+    def wait_ready(self, encoder: str = "auto", timeout: float = 240) -> None:
+        """Until the model is loaded and, with ``encoder`` auto, the ONNX encoder is in use (or has failed)."""
         deadline = time.time() + timeout
         while time.time() < deadline:
             try:
                 health = self.health()
-                if health.get("ready"):
+                if health.get("ready") and (encoder == "torch" or health.get("encoder") == "onnxruntime"
+                                            or health.get("encoder_error")):
                     return
                 if health.get("error"):
                     raise RuntimeError(f"SAM model failed to load: {health['error']}")
@@ -304,6 +306,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--studio-clicks", type=int, default=10,
                         help="of those, how many go through Label Studio as well (b')")
     parser.add_argument("--budget", type=float, default=130, help="seconds after which (c)/(d) stop early")
+    parser.add_argument("--encoder", choices=("auto", "torch"), default="auto",
+                        help="APPLIANCE_SAM_ENCODER: auto = ONNX Runtime on a CPU, torch = PyTorch")
     parser.add_argument("--keep", action="store_true", help="keep the temporary volume and the appliance log")
     args = parser.parse_args(argv)
     began = time.monotonic()
@@ -312,14 +316,15 @@ def main(argv: list[str] | None = None) -> None:
     notes: list[str] = []
     tmp = Path(tempfile.mkdtemp(prefix="sam-latency-"))
     app = Appliance(env=appliance_env(tmp / "data", APPLIANCE_TORCH_THREADS=str(args.threads),
-                                      APPLIANCE_SAM_PREFETCH=str(prefetch)),
+                                      APPLIANCE_SAM_PREFETCH=str(prefetch), APPLIANCE_SAM_ENCODER=args.encoder),
                     log_path=tmp / "appliance.log")
     try:
         # The appliance imports the five sample photos (ids in import order); byte-variants of the same photos
         # are imported afterwards, so they get the higher ids and are the cold / prefetched tasks of (c), (d).
         boot_s = app.start()
         sam = Sam(app)
-        sam.wait_ready()
+        sam.wait_ready(args.encoder)
+        notes.append(f"SAM image encoder: {sam.health().get('encoder')} (APPLIANCE_SAM_ENCODER={args.encoder})")
         write_variants(app.data_dir / "images", 5 * args.cycles + 5)
         boot = app.env | {"APPLIANCE_LOG_LEVEL": "WARNING"}
         sync = subprocess.run([sys.executable, "-m", "appliance", "bootstrap"], env=boot, cwd=ROOT,

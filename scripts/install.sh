@@ -29,6 +29,9 @@ if [ "$editable" = "--editable" ]; then target=(-e "$root[test]"); else target=(
 "$prefix/app/bin/pip" uninstall "${pip_quiet[@]}" -y opencv-python opencv-python-headless >/dev/null
 "$prefix/app/bin/pip" install "${pip_quiet[@]}" --no-deps -c "$root/requirements/app.lock" opencv-python-headless
 
+step "SAM image encoder exported for ONNX Runtime (the CPU's faster encoder; once per release)"
+"$prefix/app/bin/appliance" export-onnx >/dev/null
+
 template="$prefix/studio-template.sqlite3"
 if [ ! -f "$template" ] || [ "$root/requirements/studio.lock" -nt "$template" ]; then
   step "migrated Label Studio database template"

@@ -51,6 +51,7 @@ class SamBackend(Backend):
         self.settings = settings
         self.engine: SamEngine | None = None
         self.load_error: str | None = None
+        self.encoder_error: str | None = None
         self.cache = EmbeddingCache(settings.sam_cache_mb * 1024 * 1024)
         # On disk, shared: the trainer and the prediction backend read the embeddings computed here.
         self.store = EmbeddingStore(settings.embeddings_dir, settings.embedding_store_mb * 1024 * 1024,
@@ -76,6 +77,19 @@ class SamBackend(Backend):
         self.engine = engine
         log.info("SAM %s loaded on %s in %.1f s", engine.model_type, engine.device, time.monotonic() - began)
         self.prefetcher.start()
+        if self.settings.sam_encoder == "auto" and engine.device.type == "cpu":
+            self._use_onnx(engine)
+
+    def _use_onnx(self, engine: SamEngine) -> None:
+        """Clicks are served with PyTorch's encoder until the ONNX one is ready; a failed export keeps PyTorch."""
+        began = time.monotonic()
+        try:
+            engine.use_onnx(self.settings.onnx_dir, self.settings.torch_threads)
+        except Exception as error:
+            self.encoder_error = f"{type(error).__name__}: {error}".splitlines()[0]
+            log.warning("SAM image encoder stays on PyTorch (ONNX Runtime unavailable: %s)", self.encoder_error)
+            return
+        log.info("SAM image encoder on ONNX Runtime (ready in %.1f s)", time.monotonic() - began)
 
     @property
     def ready(self) -> bool:
@@ -88,7 +102,8 @@ class SamBackend(Backend):
     def status(self) -> dict:
         return {"error": self.load_error, "cache": self.cache.stats(), "url_memo": self._url_keys.stats(),
                 "prefetch_queue": self.prefetcher.pending(), "object_memory": self.object_memory.stats(),
-                "device": str(self.engine.device) if self.engine else None}
+                "device": str(self.engine.device) if self.engine else None,
+                "encoder": self.engine.encoder_name if self.engine else None, "encoder_error": self.encoder_error}
 
     def setup(self, req: SetupRequest) -> None:
         if req.schema:

@@ -6,6 +6,7 @@ decoder directly rather than going through ``SamPredictor``'s mutable state), so
 
 from __future__ import annotations
 
+import copy
 import math
 import pickle
 import threading
@@ -66,6 +67,16 @@ def _registry(model_type: str) -> dict:
     return sam_model_registry
 
 
+def encoder_input(model: torch.nn.Module, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
+    """SAM's encoder input for an RGB uint8 image (1x3xSxS: long side resized to S, normalised, padded) and the
+    (H, W) of the resized image inside it. The one place every SAM encode in the appliance prepares pixels."""
+    size = model.image_encoder.img_size
+    resized = ResizeLongestSide(size).apply_image(np.ascontiguousarray(image))
+    device = next(model.parameters()).device
+    tensor = torch.as_tensor(resized, device=device).permute(2, 0, 1).contiguous()[None]
+    return model.preprocess(tensor), (int(tensor.shape[-2]), int(tensor.shape[-1]))
+
+
 def build_model(checkpoint: Path, model_type: str, device: torch.device) -> torch.nn.Module:
     """Build the architecture for ``model_type`` and load ``checkpoint`` into it (strict)."""
     model = _registry(model_type)[model_type](checkpoint=None)
@@ -95,6 +106,8 @@ class SamEngine:
         self.image_size: int = self.model.image_encoder.img_size
         self.transform = ResizeLongestSide(self.image_size)
         self._encode_lock = threading.Lock()
+        self._encoder = self.model.image_encoder  # swapped for an ONNX Runtime session by use_onnx()
+        self.encoder_name = "torch"
         with torch.inference_mode():  # constant positional encoding of the embedding grid: compute it once
             self._dense_pe = self.model.prompt_encoder.get_dense_pe()
 
@@ -102,14 +115,25 @@ class SamEngine:
     def embed(self, image: np.ndarray) -> Embedding:
         """Run the image encoder on an RGB uint8 HxWx3 image."""
         _check_image(image)
-        resized = self.transform.apply_image(image)
-        tensor = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]
         # One encode at a time: it is the memory- and compute-heavy step, and already uses all intra-op threads.
         with self._encode_lock, torch.inference_mode():
-            features = self.model.image_encoder(self.model.preprocess(tensor))
+            pixels, input_size = encoder_input(self.model, image)
+            features = self._encoder(pixels).to(self.device)
         return Embedding(features=features, original_size=(int(image.shape[0]), int(image.shape[1])),
-                         input_size=(int(tensor.shape[-2]), int(tensor.shape[-1])),
-                         nbytes=features.element_size() * features.nelement())
+                         input_size=input_size, nbytes=features.element_size() * features.nelement())
+
+    def use_onnx(self, cache_dir: Path, threads: int = 1) -> None:
+        """Encode with ONNX Runtime from now on (CPU only): the encoder exported once per checkpoint into
+        ``cache_dir``. Raises when the export or the session fails; the PyTorch encoder then stays in use."""
+        if self.device.type != "cpu":
+            raise RuntimeError(f"the ONNX encoder runs on the CPU; this engine runs on {self.device}")
+        from .onnx_encoder import load_or_export
+
+        # A copy is exported, so clicks keep encoding with the original meanwhile.
+        encoder = load_or_export(copy.deepcopy(self.model.image_encoder), self.image_size, self.checkpoint, self.model_type,
+                                 cache_dir, threads)
+        with self._encode_lock:
+            self._encoder, self.encoder_name = encoder, encoder.name
 
     def from_features(self, features: np.ndarray, original_size: tuple[int, int]) -> Embedding:
         """An Embedding from stored encoder features (256x64x64) of an image of ``original_size`` (H, W)."""

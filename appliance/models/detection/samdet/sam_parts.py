@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from appliance.models.sam.engine import build_model
+from appliance.models.sam.engine import build_model, encoder_input
 from appliance.models.sam.weights import MOBILE_SAM_SHA256, mobile_sam_path, verify_checkpoint
 
 EMBED_STRIDE = 16  # SAM's image encoder: 1024x1024 input -> 64x64 embedding
@@ -45,25 +45,15 @@ def input_size(height: int, width: int, image_size: int = 1024) -> tuple[int, in
 
 
 def encode(sam: torch.nn.Module, rgb: np.ndarray) -> np.ndarray:
-    """The 256x64x64 float32 embedding of an RGB uint8 image, exactly as the SAM backend computes it."""
-    from segment_anything.utils.transforms import ResizeLongestSide
-
-    size = sam.image_encoder.img_size
-    resized = ResizeLongestSide(size).apply_image(np.ascontiguousarray(rgb))
-    device = next(sam.parameters()).device
-    tensor = torch.as_tensor(resized, device=device).permute(2, 0, 1).contiguous()[None]
+    """The 256x64x64 float32 embedding of an RGB uint8 image, with the SAM backend's own input preparation."""
     with torch.no_grad():
-        features = sam.image_encoder(sam.preprocess(tensor))
+        features = sam.image_encoder(encoder_input(sam, rgb)[0])
     return features[0].float().cpu().numpy()
 
 
 def preprocess(sam: torch.nn.Module, rgb: np.ndarray) -> torch.Tensor:
     """SAM's encoder input (3x1024x1024, normalised, padded) for an RGB uint8 image."""
-    from segment_anything.utils.transforms import ResizeLongestSide
-
-    resized = ResizeLongestSide(sam.image_encoder.img_size).apply_image(np.ascontiguousarray(rgb))
-    tensor = torch.as_tensor(resized).permute(2, 0, 1).contiguous()[None]
-    return sam.preprocess(tensor.to(next(sam.parameters()).device))[0]
+    return encoder_input(sam, rgb)[0][0]
 
 
 def box_masks(prompt_encoder: torch.nn.Module, mask_decoder: torch.nn.Module, features: torch.Tensor,

@@ -1,0 +1,149 @@
+"""The SAM image encoder on ONNX Runtime against PyTorch's, on real MobileSAM weights and real images.
+
+Masks must stay the model's (IoU >= 0.99 per object against the PyTorch encoder's), and the features the same to
+float error, so the embedding store serves both engines.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pycocotools.coco import COCO
+
+from appliance.models.sam import onnx_encoder
+from appliance.models.sam.engine import SamEngine
+from appliance.models.sam.onnx_encoder import cache_path
+
+torch.set_num_threads(1)
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+IMAGES_PER_SET = 2
+OBJECTS_PER_IMAGE = 6
+
+
+def interior_point(mask: np.ndarray) -> tuple[float, float]:
+    """The object's most interior pixel (the simulated annotator's first click)."""
+    distance = cv2.distanceTransform(np.pad(mask, 1).astype(np.uint8), cv2.DIST_L2, 5)[1:-1, 1:-1]
+    y, x = np.unravel_index(int(np.argmax(distance)), distance.shape)
+    return float(x), float(y)
+
+
+def real_objects(name: str) -> list[tuple[np.ndarray, list[np.ndarray]]]:
+    """The first images of a shared set with their largest objects' masks."""
+    folder = DATA / name
+    assert (folder / "annotations.json").is_file(), f"{folder} missing: the real-image sets live in ../shared/data"
+    coco = COCO(str(folder / "annotations.json"))
+    out = []
+    for image_id in sorted(coco.getImgIds())[:IMAGES_PER_SET]:
+        info = coco.loadImgs(image_id)[0]
+        rgb = np.asarray(Image.open(folder / "images" / info["file_name"]).convert("RGB"))
+        anns = sorted(coco.loadAnns(coco.getAnnIds(imgIds=image_id, iscrowd=False)), key=lambda a: -a["area"])
+        masks = [coco.annToMask(a).astype(bool) for a in anns[:OBJECTS_PER_IMAGE]]
+        out.append((rgb, masks))
+    return out
+
+
+@pytest.fixture(scope="module")
+def torch_engine() -> SamEngine:
+    return SamEngine(device="cpu")
+
+
+@pytest.fixture(scope="module")
+def onnx_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("onnx")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_installed_export(tmp_path_factory):
+    """These tests export themselves: the install's own export (tested last) is hidden from them."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(onnx_encoder, "INSTALLED_DIR", tmp_path_factory.mktemp("not-installed"))
+        yield
+
+
+@pytest.fixture(scope="module")
+def onnx_engine(onnx_dir: Path) -> SamEngine:
+    engine = SamEngine(device="cpu")
+    engine.use_onnx(onnx_dir)
+    assert engine.encoder_name == "onnxruntime"
+    return engine
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 1.0
+
+
+@pytest.mark.parametrize("dataset", ["nuclei", "coco-ccby"])
+def test_onnx_masks_equal_pytorch_masks_on_real_images(torch_engine, onnx_engine, dataset):
+    ious = []
+    for rgb, masks in real_objects(dataset):
+        reference, candidate = torch_engine.embed(rgb), onnx_engine.embed(rgb)
+        assert candidate.input_size == reference.input_size and candidate.original_size == reference.original_size
+        diff = float((candidate.features - reference.features).abs().max())
+        assert diff < 1e-3, f"ONNX features differ from PyTorch's by {diff}"
+        for truth in masks:
+            point = interior_point(truth)
+            mask_t, _ = torch_engine.segment(reference, [point], [1])
+            mask_o, _ = onnx_engine.segment(candidate, [point], [1])
+            assert mask_t.sum() > 20, "an empty mask would compare equal whatever the encoder"
+            ious.append(iou(mask_t, mask_o))
+    assert len(ious) >= 2 * IMAGES_PER_SET
+    assert min(ious) >= 0.99, f"per-object IoU ONNX vs PyTorch: {sorted(ious)[:5]}"
+
+
+def test_stored_features_serve_either_engine(torch_engine, onnx_engine):
+    rgb, masks = real_objects("coco-ccby")[0]
+    stored = onnx_engine.embed(rgb).features[0].numpy()  # what the embedding store keeps
+    point = interior_point(masks[0])
+    from_store, _ = torch_engine.segment(torch_engine.from_features(stored, rgb.shape[:2]), [point], [1])
+    fresh, _ = torch_engine.segment(torch_engine.embed(rgb), [point], [1])
+    assert iou(from_store, fresh) >= 0.99
+
+
+def test_export_is_cached_per_checkpoint_and_a_damaged_file_is_exported_again(onnx_engine, onnx_dir):
+    path = cache_path(onnx_dir, onnx_engine.checkpoint, onnx_engine.model_type)
+    assert path.is_file() and [p.name for p in onnx_dir.iterdir()] == [path.name], "one file, no leftover tmp"
+    stamp = path.stat().st_mtime_ns
+    again = SamEngine(device="cpu")
+    again.use_onnx(onnx_dir)
+    assert path.stat().st_mtime_ns == stamp, "a second start reuses the export"
+
+    path.write_bytes(b"not an onnx model")
+    damaged = SamEngine(device="cpu")
+    with pytest.raises(Exception):
+        damaged.use_onnx(onnx_dir)
+    assert damaged.encoder_name == "torch" and not path.exists(), "the damaged file is dropped, PyTorch stays"
+    damaged.use_onnx(onnx_dir)
+    assert damaged.encoder_name == "onnxruntime"
+
+
+def test_failed_export_keeps_the_pytorch_encoder(tmp_path):
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the cache folder should be")
+    engine = SamEngine(device="cpu")
+    with pytest.raises(OSError):
+        engine.use_onnx(blocked)
+    assert engine.encoder_name == "torch"
+    rgb = np.zeros((64, 96, 3), dtype=np.uint8)
+    rgb[16:48, 24:72] = 255
+    mask, _ = engine.segment(engine.embed(rgb), [(48.0, 32.0)], [1])
+    assert mask[32, 48]
+
+
+
+def test_the_install_exports_the_bundled_encoder(tmp_path, monkeypatch):
+    # scripts/install.sh runs `appliance export-onnx`: the SAM backend then loads it and exports nothing.
+    installed = Path(sys.prefix) / "share" / "appliance" / "onnx"
+    monkeypatch.setattr(onnx_encoder, "INSTALLED_DIR", installed)
+    engine = SamEngine(device="cpu")
+    engine.use_onnx(tmp_path / "cache")
+    assert engine.encoder_name == "onnxruntime"
+    assert engine._encoder.path.parent == installed, "the installed export is used"
+    assert not (tmp_path / "cache").exists(), "nothing exported on the data volume"
