@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import logging
 import threading
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -11,10 +13,15 @@ import torch
 import torch.nn.functional as F
 
 from appliance.models.sam.engine import build_model, encoder_input
+from appliance.models.sam.onnx_encoder import INSTALLED_DIR, OnnxEncoder, cache_path
 from appliance.models.sam.weights import MOBILE_SAM_SHA256, mobile_sam_path, verify_checkpoint
+
+log = logging.getLogger("samdet")
 
 EMBED_STRIDE = 16  # SAM's image encoder: 1024x1024 input -> 64x64 embedding
 _lock = threading.Lock()
+# The install's ONNX Runtime export of a loaded model's image encoder (same features, faster on a CPU).
+_onnx: weakref.WeakKeyDictionary[torch.nn.Module, OnnxEncoder] = weakref.WeakKeyDictionary()
 
 
 def checkpoint_path(model_type: str, checkpoint: str | None) -> Path:
@@ -27,8 +34,15 @@ def checkpoint_path(model_type: str, checkpoint: str | None) -> Path:
 
 @functools.lru_cache(maxsize=2)
 def _load(model_type: str, checkpoint: str | None) -> torch.nn.Module:
-    model = build_model(checkpoint_path(model_type, checkpoint), model_type, torch.device("cpu"))
+    path = checkpoint_path(model_type, checkpoint)
+    model = build_model(path, model_type, torch.device("cpu"))
     model.requires_grad_(False)
+    export = cache_path(INSTALLED_DIR, path, model_type)
+    if export.is_file():
+        try:
+            _onnx[model] = OnnxEncoder(export, torch.get_num_threads())
+        except Exception as error:  # PyTorch's encoder gives the same features
+            log.warning("SAM encoder stays on PyTorch: %s", str(error).splitlines()[0] if str(error) else error)
     return model.eval()
 
 
@@ -47,7 +61,7 @@ def input_size(height: int, width: int, image_size: int = 1024) -> tuple[int, in
 def encode(sam: torch.nn.Module, rgb: np.ndarray) -> np.ndarray:
     """The 256x64x64 float32 embedding of an RGB uint8 image, with the SAM backend's own input preparation."""
     with torch.no_grad():
-        features = sam.image_encoder(encoder_input(sam, rgb)[0])
+        features = _onnx.get(sam, sam.image_encoder)(encoder_input(sam, rgb)[0])
     return features[0].float().cpu().numpy()
 
 
