@@ -130,6 +130,8 @@ def test_failed_export_keeps_the_pytorch_encoder(tmp_path):
     engine = SamEngine(device="cpu")
     with pytest.raises(OSError):
         engine.use_onnx(blocked)
+    with pytest.raises(FileNotFoundError):  # installed export only (the training job): none here
+        engine.use_onnx(None)
     assert engine.encoder_name == "torch"
     rgb = np.zeros((64, 96, 3), dtype=np.uint8)
     rgb[16:48, 24:72] = 255

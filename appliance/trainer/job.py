@@ -9,6 +9,7 @@ Prints JSON lines on stdout: {"event": "iter", epoch, iter, loss, eta_s, ...} du
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -34,6 +35,9 @@ def holdout_scores(args) -> tuple[dict | None, dict | None]:
     if not holdout.has_photos(args.holdout):
         return None, None
     engine = SamEngine(args.sam_checkpoint, args.sam_model_type, args.device)
+    if engine.device.type == "cpu":
+        with contextlib.suppress(Exception):  # the install's ONNX export when there is one; PyTorch gives the same
+            engine.use_onnx(None, args.threads)
     held = holdout.load(args.holdout, holdout.sam_clicks(engine, store))
     del engine  # the clicks are computed: only the detectors' SAM parts are needed from here
 

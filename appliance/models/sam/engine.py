@@ -122,9 +122,9 @@ class SamEngine:
         return Embedding(features=features, original_size=(int(image.shape[0]), int(image.shape[1])),
                          input_size=input_size, nbytes=features.element_size() * features.nelement())
 
-    def use_onnx(self, cache_dir: Path, threads: int = 1) -> None:
-        """Encode with ONNX Runtime from now on (CPU only): the encoder exported once per checkpoint into
-        ``cache_dir``. Raises when the export or the session fails; the PyTorch encoder then stays in use."""
+    def use_onnx(self, cache_dir: Path | None, threads: int = 1) -> None:
+        """Encode with ONNX Runtime from now on (CPU only): the install's export of this checkpoint's encoder, else
+        one exported once into ``cache_dir`` (None: the installed export or nothing). Raises when the export or the session fails; the PyTorch encoder then stays in use."""
         if self.device.type != "cpu":
             raise RuntimeError(f"the ONNX encoder runs on the CPU; this engine runs on {self.device}")
         from .onnx_encoder import load_or_export

@@ -74,11 +74,14 @@ def export(image_encoder: torch.nn.Module, image_size: int, path: Path) -> Path:
 
 
 def load_or_export(image_encoder: torch.nn.Module, image_size: int, checkpoint: Path, model_type: str,
-                   cache_dir: Path, threads: int = 1) -> OnnxEncoder:
-    """The installed or cached export of this checkpoint's encoder, exported into ``cache_dir`` when there is none."""
+                   cache_dir: Path | None, threads: int = 1) -> OnnxEncoder:
+    """The installed or cached export of this checkpoint's encoder, exported into ``cache_dir`` when there is none
+    (with ``cache_dir`` None, only the installed export: FileNotFoundError without one)."""
     installed = cache_path(INSTALLED_DIR, checkpoint, model_type)
     if installed.is_file():
         return OnnxEncoder(installed, threads)
+    if cache_dir is None:
+        raise FileNotFoundError(f"no installed ONNX export of {checkpoint} ({installed})")
     path = cache_path(cache_dir, checkpoint, model_type)
     if not path.is_file():
         log.info("exporting the SAM image encoder to ONNX (once per checkpoint): %s", path.name)
