@@ -90,11 +90,12 @@ def wait_sam(app: Appliance, encoder: str, timeout: float = 300) -> dict:
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
-            health = requests.get(url, timeout=5).json()
+            auth = ("labelstudio", app.secrets()["APPLIANCE_BACKEND_SECRET"])
+            health = requests.get(url, auth=auth, timeout=5).json()
             if health.get("ready") and (encoder == "torch" or health.get("encoder") == "onnxruntime"
                                         or health.get("encoder_error")):
                 return health
-        except requests.RequestException:
+        except (requests.RequestException, KeyError):
             pass
         time.sleep(1)
     raise TimeoutError("the SAM backend did not get ready")
