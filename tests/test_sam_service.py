@@ -52,6 +52,9 @@ def decode(region: dict) -> np.ndarray:
 
 def test_click_through_label_studio_returns_a_brush_mask_on_the_face(appliance):
     wait_sam_ready(appliance)
+    url = f"http://127.0.0.2:{appliance.env['APPLIANCE_SAM_PORT']}/health"
+    health = requests.get(url, auth=("labelstudio", appliance.secrets()["APPLIANCE_BACKEND_SECRET"]), timeout=5).json()
+    assert health["encoder"] == "onnxruntime", health  # the install's export, on the CPU by default
     task = task_named(appliance, "astronaut")
     response = interactive(appliance, task["id"], [keypoint(*FACE)])
     assert response.status_code == 200, response.text

@@ -10,6 +10,7 @@ the decoder.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -74,14 +75,19 @@ class SamBackend(Backend):
             self.load_error = str(error)
             log.error("SAM model not loaded: %s", error)
             return
+        onnx = self.settings.sam_encoder == "auto" and engine.device.type == "cpu"
+        if onnx:  # the install's export loads in a second: before any encode, so PyTorch's never allocates
+            with contextlib.suppress(Exception):
+                engine.use_onnx(None, self.settings.torch_threads)
         self.engine = engine
-        log.info("SAM %s loaded on %s in %.1f s", engine.model_type, engine.device, time.monotonic() - began)
+        log.info("SAM %s loaded on %s (encoder: %s) in %.1f s", engine.model_type, engine.device, engine.encoder_name,
+                 time.monotonic() - began)
         self.prefetcher.start()
-        if self.settings.sam_encoder == "auto" and engine.device.type == "cpu":
-            self._use_onnx(engine)
+        if onnx and engine.encoder_name != "onnxruntime":
+            self._export_onnx(engine)
 
-    def _use_onnx(self, engine: SamEngine) -> None:
-        """Clicks are served with PyTorch's encoder until the ONNX one is ready; a failed export keeps PyTorch."""
+    def _export_onnx(self, engine: SamEngine) -> None:
+        """Clicks are served with PyTorch's encoder until this checkpoint's export is ready; a failure keeps it."""
         began = time.monotonic()
         try:
             engine.use_onnx(self.settings.onnx_dir, self.settings.torch_threads)
