@@ -6,7 +6,6 @@ decoder directly rather than going through ``SamPredictor``'s mutable state), so
 
 from __future__ import annotations
 
-import copy
 import math
 import pickle
 import threading
@@ -124,13 +123,13 @@ class SamEngine:
 
     def use_onnx(self, cache_dir: Path | None, threads: int = 1) -> None:
         """Encode with ONNX Runtime from now on (CPU only): the install's export of this checkpoint's encoder, else
-        one exported once into ``cache_dir`` (None: the installed export or nothing). Raises when the export or the session fails; the PyTorch encoder then stays in use."""
+        one exported once into ``cache_dir`` (None: the installed export or nothing). Raises when the export or the
+        session fails; the PyTorch encoder then stays in use."""
         if self.device.type != "cpu":
             raise RuntimeError(f"the ONNX encoder runs on the CPU; this engine runs on {self.device}")
         from .onnx_encoder import load_or_export
 
-        # A copy is exported, so clicks keep encoding with the original meanwhile.
-        encoder = load_or_export(copy.deepcopy(self.model.image_encoder), self.image_size, self.checkpoint, self.model_type,
+        encoder = load_or_export(self.model.image_encoder, self.image_size, self.checkpoint, self.model_type,
                                  cache_dir, threads)
         with self._encode_lock:
             self._encoder, self.encoder_name = encoder, encoder.name

@@ -2,12 +2,13 @@
 
 The export is keyed by the checkpoint's sha256, the model type and the torch release. The install exports the
 bundled MobileSAM's encoder into the venv (``INSTALLED_DIR``, so the image and a native install ship it); any other
-checkpoint is exported on first start into the data volume's cache, so a restart loads it in a second. Its features equal PyTorch's to float error (1e-6), so embeddings stored by one engine are
-read by the other unchanged.
+checkpoint is exported on first start into the data volume's cache, so a restart loads it in a second. Its features
+equal PyTorch's to float error (1e-6), so embeddings stored by one engine are read by the other unchanged.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import sys
@@ -88,7 +89,7 @@ def load_or_export(image_encoder: torch.nn.Module, image_size: int, checkpoint: 
     path = cache_path(cache_dir, checkpoint, model_type)
     if not path.is_file():
         log.info("exporting the SAM image encoder to ONNX (once per checkpoint): %s", path.name)
-        export(image_encoder, image_size, path)
+        export(copy.deepcopy(image_encoder), image_size, path)  # a copy: clicks keep encoding with the original
     try:
         return OnnxEncoder(path, threads)
     except Exception:
