@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import signal
 import socket
@@ -80,13 +81,14 @@ class Appliance:
         except (OSError, ValueError):
             return {}
 
-    def start(self, timeout: float = 420, ready=None) -> float:
-        """Start and wait until the bootstrap finished (or ``ready()`` is true); returns seconds taken."""
+    def start(self, timeout: float = 420, ready=None, new_session: bool = True) -> float:
+        """Start and wait until the bootstrap finished (or ``ready()`` is true); returns seconds taken.
+        ``new_session=False``: supervisord stays in the test's session (see test_orphans)."""
         began = time.time()
         ready = ready or (lambda: self.state().get("bootstrapped_at", 0) > began)
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "appliance", "up"], env=self.env, stdout=log,
-                                     stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+                                     stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=new_session)
         while time.time() - began < timeout:
             if ready():
                 self.starts.append(time.time() - began)
@@ -102,7 +104,10 @@ class Appliance:
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            if os.getpgid(self.proc.pid) == self.proc.pid:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            else:
+                self.proc.kill()
             raise
 
     def log_text(self) -> str:
@@ -159,3 +164,13 @@ def postgres_database():
     finally:
         psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
         psql(f"DROP ROLE IF EXISTS {name}")
+
+
+def login(url: str, email: str, password: str) -> requests.Session:
+    """A browser's session: Label Studio's login form, its CSRF token and cookie."""
+    session = requests.Session()
+    page = session.get(f"{url}/user/login/", timeout=30)
+    csrf = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page.text).group(1)
+    session.post(f"{url}/user/login/", data={"csrfmiddlewaretoken": csrf, "email": email, "password": password},
+                 headers={"Referer": f"{url}/user/login/"}, timeout=30)
+    return session

@@ -7,6 +7,8 @@ says so, and the version serves once its files are fixed."""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
 import shutil
@@ -116,11 +118,40 @@ def check_failed_version_is_retried_when_fixed(app: Appliance, scratch: Path) ->
     assert report["error"] is None and report["message"] is None
 
 
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def subreaper(on: bool) -> None:
+    """Orphans of supervisord reparent to this test process instead of init.
+
+    Why: when supervisord dies, Linux sends SIGHUP and SIGCONT to a process group that it leaves orphaned (no
+    member's parent in another group of the same session) if a member is stopped, so the stopped wrapper would be
+    woken and clean up, or not, depending on whether SIGSTOP had taken effect first. With supervisord in this
+    test's session and this process as their new parent, the group is not orphaned and stays stopped, every run."""
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    assert libc.prctl(PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) == 0, ctypes.get_errno()
+
+
+def wait_state(pid: int, state: str, timeout: float = 10) -> None:
+    deadline = time.time() + timeout
+    while (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != state:
+        assert time.time() < deadline, f"{pid} never reached state {state}"
+        time.sleep(0.05)
+
+
+def reap(pids) -> None:
+    """The orphans this process adopted (as subreaper) are its children now: collect their exit status."""
+    for pid in pids:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+
+
 def test_kill_9_of_supervisord_leaves_no_orphans(tmp_path, artifacts):
     app = Appliance(env=appliance_env(tmp_path / "data"), log_path=artifacts / "orphans.log")
     app.log_path.write_text("")
-    app.start()
-    stopped = None
+    subreaper(True)
+    app.start(new_session=False)
+    stopped, tree = None, {}
     try:
         check_failed_version_is_retried_when_fixed(app, tmp_path / "scratch")
 
@@ -133,6 +164,7 @@ def test_kill_9_of_supervisord_leaves_no_orphans(tmp_path, artifacts):
         predict_group = {pid for pid in tree if processes().get(pid, (0, 0))[1] == stopped}
         assert len(predict_group) >= 2  # the wrapper and gunicorn (and its worker)
         os.kill(stopped, signal.SIGSTOP)  # this wrapper cannot act on supervisord's death: its group lives on
+        wait_state(stopped, "T")
         os.kill(supervisord, signal.SIGKILL)
         app.proc.wait(10)
         wait_gone(set(tree) - predict_group, 45)
@@ -149,7 +181,11 @@ def test_kill_9_of_supervisord_leaves_no_orphans(tmp_path, artifacts):
 
         os.kill(stopped, signal.SIGCONT)  # the pending parent-death signal now stops the whole group
         stopped = None
-        wait_gone(tree, 45)
+        deadline = time.time() + 45
+        while alive(tree):
+            reap(tree)
+            assert time.time() < deadline, {pid: processes().get(pid) for pid in alive(tree)}
+            time.sleep(0.5)
         ports = [int(app.env[k]) for k in ("APPLIANCE_PORT", "APPLIANCE_SAM_PORT", "APPLIANCE_PREDICT_PORT")]
         assert all(port_free(port) for port in ports)
 
@@ -172,6 +208,8 @@ def test_kill_9_of_supervisord_leaves_no_orphans(tmp_path, artifacts):
             os.kill(stopped, signal.SIGCONT)
         if app.proc and app.proc.poll() is None:
             app.stop()
+        subreaper(False)
+        reap(tree)
 
 
 def test_locks_tell_a_running_supervisor_and_orphans_apart(tmp_path):
