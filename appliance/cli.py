@@ -107,7 +107,9 @@ def _version_figures(metrics: dict) -> str:
     plain = ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
                       if isinstance(v, (int, float, str)) and k != "journal_until")
     thresholds = metrics.get("thresholds")
-    parts = [saving(metrics), f"thresholds {json.dumps(thresholds)}" if thresholds else None, plain]
+    data = (f"trained on {metrics['train_images']} images ({metrics.get('train_objects', '?')} objects), held out "
+            f"{metrics.get('holdout_images', '?')}") if "train_images" in metrics else None
+    parts = [saving(metrics), data, f"thresholds {json.dumps(thresholds)}" if thresholds else None, plain]
     return "; ".join(p for p in parts if p)
 
 
@@ -151,10 +153,37 @@ def _gcs(args) -> None:
 
 def _credentials(args) -> None:
     from appliance import runtime
+    from appliance.accounts import SECRET_PREFIX
+    from appliance.secrets import read_secrets_file
 
     settings = runtime.load()
     print(f"url:      http://localhost:{settings.port}\nlogin:    {settings.username}\n"
           f"password: {settings.secret('password')}\napi key:  {settings.secret('api_key')}")
+    stored = read_secrets_file(settings.secrets_file)
+    for email in settings.annotator_list:
+        if SECRET_PREFIX + email in stored:
+            print(f"annotator {email}: password {stored[SECRET_PREFIX + email]}")
+
+
+def _users(args) -> None:
+    from appliance import accounts, runtime
+    from appliance.settings import check_email
+
+    settings = runtime.load()
+    try:
+        if args.action == "add":
+            password = accounts.add(settings, check_email(args.email), args.name or "")
+            if password is None:
+                raise SystemExit(f"error: {args.email} has an account already (its password is unchanged)")
+            print(f"account {args.email.lower()} created in the project's organization\npassword: {password}\n"
+                  f"(shown once: give it to the annotator, who can change it under Account & Settings)")
+            return
+        for user in accounts.listing(settings):
+            role = "admin" if user["admin"] else "annotator"
+            print(f"{user['email']:<40} {role:<9} {'active' if user['active'] else 'inactive':<8} "
+                  f"{user['annotations']:>6} annotations  last seen {user['last_activity'] or 'never'}")
+    except (ValueError, RuntimeError) as error:
+        raise SystemExit(f"error: {error}") from None
 
 
 def _export_onnx(args) -> None:
@@ -164,6 +193,24 @@ def _export_onnx(args) -> None:
     engine = SamEngine(device="cpu")  # the bundled MobileSAM
     path = cache_path(Path(args.output) if args.output else INSTALLED_DIR, engine.checkpoint, engine.model_type)
     print(path if path.is_file() else export(engine.model.image_encoder, engine.image_size, path))
+
+
+def _export(args) -> None:
+    from appliance import runtime
+    from appliance.export.run import export
+    from appliance.export.source import ExportError
+    from appliance.gcs import GcsError
+    from appliance.studio_api import StudioError
+
+    try:
+        summary = export(runtime.load(), args.format, args.output, version=args.version,
+                         include_images=args.include_images, with_predictions=args.with_predictions)
+    except (ExportError, GcsError, StudioError, OSError) as error:
+        raise SystemExit(f"error: {error}") from None
+    print(f"exported {summary.images} image(s), {summary.objects} object(s) of {summary.source} as {summary.format} "
+          f"to {summary.output} in {summary.seconds:.1f} s; {len(summary.failed)} failed")
+    for line in summary.failed[:20]:
+        print(f"  failed: {line}")
 
 
 def _build_template(args) -> None:
@@ -230,7 +277,25 @@ def parser() -> argparse.ArgumentParser:
     gcs.add_subparsers(dest="action", required=True).add_parser(
         "cors", help="let browsers load images from the source and target buckets (one-time)")
     gcs.set_defaults(func=_gcs)
+    users = sub.add_parser("users", help="annotator accounts (sign-up stays closed)")
+    users_sub = users.add_subparsers(dest="action", required=True)
+    add = users_sub.add_parser("add", help="create an account with a generated password (printed once)")
+    add.add_argument("email")
+    add.add_argument("--name", help="the annotator's name, e.g. \"Ana Silva\"")
+    users_sub.add_parser("list", help="every account: role, annotations, last activity")
+    users.set_defaults(func=_users)
     sub.add_parser("credentials", help="print the admin login, password and API key").set_defaults(func=_credentials)
+    ex = sub.add_parser("export", help="write the labels for training: COCO, YOLO-seg, mask PNGs or Label Studio JSON")
+    ex.add_argument("--format", required=True, choices=["coco", "yolo-seg", "masks", "label-studio"])
+    ex.add_argument("--output", required=True, help="a new folder, or gs://bucket/prefix")
+    ex.add_argument("--version", help="the exact training and held-out sets of model version vNNNN")
+    ex.add_argument("--include-images", action="store_true", help="copy the images too (images/)")
+    group = ex.add_mutually_exclusive_group()
+    group.add_argument("--only-submitted", action="store_true", default=True,
+                       help="tasks with a submitted annotation (the default)")
+    group.add_argument("--with-predictions", action="store_true",
+                       help="also tasks with only a prediction (the newest one is exported)")
+    ex.set_defaults(func=_export)
     bt = sub.add_parser("build-template", help="migrate an empty Label Studio database (install time)")
     bt.add_argument("--output", required=True)
     bt.set_defaults(func=_build_template)

@@ -14,7 +14,7 @@ import socket
 import sys
 from pathlib import Path
 
-from appliance import gpu, orphans, samples, studio, template, volume
+from appliance import gpu, orphans, samples, secrets, studio, template, volume
 from appliance.programs import process_env
 from appliance.secrets import ensure_secrets
 from appliance.settings import ConfigError, Settings, load_settings
@@ -154,6 +154,18 @@ def check_weights(settings: Settings) -> None:
                               f"start without a pretrained detector.") from None
 
 
+def ensure_annotators(settings: Settings) -> list[str]:
+    """APPLIANCE_ANNOTATORS' accounts that do not exist yet are created; their passwords go to secrets.env."""
+    if not settings.annotator_list:
+        return []
+    from appliance import accounts
+
+    stored = secrets.read_secrets_file(settings.secrets_file)
+    created, keep = accounts.ensure(settings, settings.annotator_list, stored)
+    secrets.store(settings, keep)
+    return created
+
+
 def prepare(settings: Settings) -> None:
     check_template(settings)
     check_device(settings)
@@ -168,7 +180,10 @@ def prepare(settings: Settings) -> None:
     if "studio" in settings.role_list:
         with bootstrap_turn(settings):  # replicas starting together on one PostgreSQL migrate it one at a time
             result = studio.prepare_database(settings, process_env(settings))
+            created = ensure_annotators(settings)
         say("database: " + ", ".join(f"{k}={v}" for k, v in result.items()))
+        if created:
+            say(f"annotator accounts created: {', '.join(created)} (passwords: `appliance credentials`)")
         if settings.sample_images:
             copied = samples.copy_samples(settings.images)
             if copied:

@@ -217,3 +217,28 @@ def read_object(settings: Settings, uri: str, deadline: float = 60.0) -> bytes:
 def _short(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0][:120]}" if text else type(error).__name__
+
+
+def upload_folder(settings: Settings, folder, uri: str, last: str = "manifest.json") -> int:
+    """Upload every file under ``folder`` to gs://bucket/prefix/, ``last`` after all others (a reader that finds
+    it finds everything); returns the number of files. Nothing is deleted in the bucket."""
+    from pathlib import Path
+
+    parts = urlsplit(uri)
+    if parts.scheme != "gs" or not parts.netloc:
+        raise GcsError(f"{uri!r} is not a gs://bucket/prefix URI")
+    prefix = parts.path.strip("/")
+    files = sorted(p for p in Path(folder).rglob("*") if p.is_file())
+    files.sort(key=lambda p: p.name == last and p.parent == Path(folder))
+    bucket = client(settings).bucket(parts.netloc)
+    for path in files:
+        name = "/".join(x for x in (prefix, path.relative_to(folder).as_posix()) if x)
+        try:
+            bucket.blob(name).upload_from_filename(str(path), timeout=60, retry=RETRY)
+        except (api.Forbidden, api.Unauthorized) as error:
+            raise GcsError(f"GCS refused to write gs://{parts.netloc}/{name} (HTTP {error.code}): check "
+                           f"{key_variable(settings)}") from None
+        except (api.GoogleAPICallError, api.RetryError, requests.RequestException, auth.GoogleAuthError) as error:
+            raise GcsError(f"cannot write gs://{parts.netloc}/{name} to {endpoint(settings)} ({_short(error)})") \
+                from None
+    return len(files)

@@ -55,6 +55,16 @@ def service_account_info(text: str) -> dict:
     return info
 
 
+EMAIL = re.compile(r"^[A-Za-z0-9._%+'-]+@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+$")
+
+
+def check_email(email: str) -> str:
+    """The e-mail in lower case; ValueError naming it when it is not one (an account's login is its e-mail)."""
+    if len(email) > 254 or not EMAIL.match(email):
+        raise ValueError(f"{email!r} is not an e-mail address (like ana@example.org)")
+    return email.lower()
+
+
 def _env(*names: str) -> AliasChoices:
     return AliasChoices(*names)
 
@@ -108,6 +118,9 @@ class Settings(BaseSettings):
                                      description="Project description.")
     labels: str = Field("Person,Animal,Vehicle,Object", validation_alias=_env("APPLIANCE_LABELS"),
                         description="Comma-separated labels of the default template.")
+    annotators: str = Field("", validation_alias=_env("APPLIANCE_ANNOTATORS"),
+                            description="Comma-separated e-mails of annotator accounts created at start when "
+                                        "missing (passwords generated into secrets.env; `appliance credentials`).")
     metadata_fields: str = Field("", validation_alias=_env("APPLIANCE_METADATA_FIELDS"),
                                  description="Comma-separated task data fields shown as Header lines above the image.")
     label_config_file: Path | None = Field(None, validation_alias=_env("APPLIANCE_LABEL_CONFIG_FILE"),
@@ -366,6 +379,11 @@ class Settings(BaseSettings):
             raise ValueError(f"unknown role(s) {unknown or value!r}; use a comma list of {', '.join(ROLES)}")
         return ",".join(roles)
 
+    @field_validator("annotators")
+    @classmethod
+    def _emails(cls, value: str) -> str:
+        return ",".join(check_email(e.strip()) for e in value.split(",") if e.strip())
+
     @field_validator("labels")
     @classmethod
     def _some_labels(cls, value: str) -> str:
@@ -448,6 +466,10 @@ class Settings(BaseSettings):
     @property
     def role_list(self) -> list[str]:
         return self.roles.split(",")
+
+    @property
+    def annotator_list(self) -> list[str]:
+        return [e for e in self.annotators.split(",") if e]
 
     @property
     def label_list(self) -> list[str]:

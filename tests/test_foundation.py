@@ -11,16 +11,7 @@ import time
 
 import requests
 
-from harness import ROOT
-
-
-def login(url: str, email: str, password: str) -> requests.Session:
-    session = requests.Session()
-    page = session.get(f"{url}/user/login/", timeout=30)
-    csrf = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page.text).group(1)
-    session.post(f"{url}/user/login/", data={"csrfmiddlewaretoken": csrf, "email": email, "password": password},
-                 headers={"Referer": f"{url}/user/login/"}, timeout=30)
-    return session
+from harness import ROOT, login
 
 
 def test_login_with_generated_credentials(appliance):

@@ -19,6 +19,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
+import numpy as np
 import pytest
 import requests
 from cryptography.hazmat.primitives import serialization
@@ -28,6 +29,7 @@ from PIL import Image
 from skimage import data as samples
 
 from appliance import gcs
+from appliance.models.sam.masks import mask_to_brush_rle
 from appliance.settings import ConfigError, load_settings
 from harness import ROOT, Appliance, appliance_env, free_port, gcs_emulator
 
@@ -229,6 +231,67 @@ def test_submitted_annotation_lands_in_the_target_bucket(app, emulator):
         time.sleep(0.5)
     assert found is not None, [b.name for b in bucket.list_blobs()]
     assert found["result"][0]["value"]["rectanglelabels"] == ["Animal"]
+
+
+def test_a_versions_dataset_lands_in_the_target_bucket_whole_or_not_at_all(app, emulator, tmp_path, monkeypatch):
+    """What the trainer does after publishing (export.run.publish_dataset): the version's COCO sets under
+    gs://<target>/<prefix>/datasets/vNNNN/, manifest last. An upload cut off halfway leaves no manifest (readers
+    see no dataset); the next try completes it, and its masks are those annotated."""
+    from pycocotools import mask as mask_utils
+
+    from appliance.backends.images import ImageFetcher
+    from appliance.export.run import publish_dataset
+    from appliance.models.registry import ModelRegistry
+    from appliance.trainer.build import Datasets, keep_snapshot
+    from appliance.trainer.dataset import build_dataset
+    from random_model import random_model
+
+    task = task_for(app, f"gs://{SOURCE}/images/astronaut.jpg")
+    mask = np.zeros((512, 512), dtype=bool)
+    mask[100:300, 150:350] = True
+    mask[180:220, 230:270] = False  # a hole
+    region = {"from_name": "mask", "to_name": "image", "type": "brushlabels", "original_width": 512,
+              "original_height": 512, "value": {"format": "rle", "rle": mask_to_brush_rle(mask),
+                                                "brushlabels": ["Person"]}}
+    assert app.api("POST", f"/api/tasks/{task['id']}/annotations", json={"result": [region]}).status_code == 201
+    settings = settings_of(app)
+    snapshot = [app.api("GET", f"/api/tasks/{task['id']}?resolve_uri=false").json()]  # gs://, as the journal
+    common = dict(labels=["Person", "Animal"], fetch=ImageFetcher.from_settings(settings).fetch, holdout_percent=0,
+                  image_cache=tmp_path / "cache", holdout_ids=set())
+    train = build_dataset(snapshot, out_dir=tmp_path / "train", split="train", **common)
+    holdout = build_dataset(snapshot, out_dir=tmp_path / "holdout", split="holdout", **common)
+    assert train.images == 1, train.skipped
+    model = ModelRegistry(tmp_path / "scratch").path(random_model(tmp_path / "scratch", ["Person"]))
+    keep_snapshot(Datasets(tmp_path / "train", tmp_path / "holdout", ["Person", "Animal"], train, holdout), model)
+    version = ModelRegistry(settings.models_dir).publish(model, {}, make_current=False)
+
+    uploads = []
+    real_upload = storage.Blob.upload_from_filename
+
+    def cut_off(blob, *args, **kwargs):
+        if len(uploads) == 1:
+            raise requests.ConnectionError("connection reset (the machine went away)")
+        uploads.append(blob.name)
+        return real_upload(blob, *args, **kwargs)
+
+    monkeypatch.setattr(storage.Blob, "upload_from_filename", cut_off)
+    with pytest.raises(gcs.GcsError, match="cannot write"):
+        publish_dataset(settings, version)
+    folder = f"annotations/datasets/{version}/"
+    names = {b.name for b in emulator[1].bucket(TARGET).list_blobs(prefix=folder)}
+    assert names == {folder + "holdout.json"}  # half there, and says so: no manifest
+    monkeypatch.setattr(storage.Blob, "upload_from_filename", real_upload)
+
+    assert publish_dataset(settings, version) == f"gs://{TARGET}/{folder.rstrip('/')}"
+    bucket = emulator[1].bucket(TARGET)
+    manifest = json.loads(bucket.blob(folder + "manifest.json").download_as_bytes())
+    assert manifest["files"] == ["holdout.json", "train.json"] and manifest["version"] == version
+    assert {b.name for b in bucket.list_blobs(prefix=folder)} == {folder + f for f in manifest["files"]} | {
+        folder + "manifest.json"}
+    coco = json.loads(bucket.blob(folder + "train.json").download_as_bytes())
+    assert [i["id"] for i in coco["images"]] == [task["id"]]
+    exported = mask_utils.decode(coco["annotations"][0]["segmentation"]).astype(bool)
+    assert (exported == mask).all() and coco["categories"][0]["name"] == "Person"
 
 
 # --- both backends resolve gs:// through Label Studio's presign endpoint --------------------------

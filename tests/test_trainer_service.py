@@ -102,6 +102,13 @@ def test_submitted_annotations_become_a_serving_model_that_finds_the_objects(app
     # The tasks the trainer held out (its rule, see dataset.choose_holdout): the model never trained on them.
     holdout = set(trainer_status(appliance)["dataset"]["holdout_ids"])
     held_out = [(n, t) for n, t in tasks.items() if t["id"] in holdout]
+    # The version keeps the exact sets it was trained and evaluated on (`appliance export --version`).
+    folder = appliance.data_dir / "models" / "versions" / version
+    kept = {split: json.loads((folder / f"dataset-{split}.json").read_text()) for split in ("train", "holdout")}
+    assert {i["id"] for i in kept["holdout"]["images"]} == holdout
+    assert len(kept["train"]["images"]) == trainer_status(appliance)["dataset"]["train_images"]
+    assert not {i["id"] for i in kept["train"]["images"]} & holdout
+    assert all(i["annotation_id"] and i["url"] for i in kept["train"]["images"])
     assert len(held_out) >= 2, "the split holds some of the shape tasks out"
     project = appliance.api("GET", f"/api/projects/{appliance.state()['project_id']}").json()
     url = health_url.replace("/health", "/predict")

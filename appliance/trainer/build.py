@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +42,14 @@ class Datasets:
                 "holdout_images": self.holdout_info.images, "holdout_objects": self.holdout_info.objects,
                 "skipped_tasks": len(self.train_info.skipped) + len(self.holdout_info.skipped),
                 "holdout_ids": sorted(self.holdout_info.task_ids)[:1000]}
+
+
+def keep_snapshot(datasets: Datasets, model_dir: Path) -> None:
+    """The version's record of its data: both COCO sets (task ids, annotation ids and times, image URLs, masks),
+    from which `appliance export --version` gives this exact training set back, whatever is edited later."""
+    for split, folder in (("train", datasets.train), ("holdout", datasets.holdout)):
+        if (folder / "annotations.json").is_file():
+            shutil.copyfile(folder / "annotations.json", model_dir / f"dataset-{split}.json")
 
 
 def project_spec(settings: Settings) -> labeling.LabelingSpec:

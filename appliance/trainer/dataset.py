@@ -290,8 +290,11 @@ def build_dataset(tasks: list[dict], labels: list[str], out_dir: Path, fetch: Fe
             continue
         info.task_ids.append(task_id)
         # content_key: the key of the image's SAM embedding in the shared store (sam-det trains on it).
+        # url and annotation: what `appliance export --version` needs to give this exact set back later.
         images.append({"id": task_id, "file_name": file_name, "width": int(pixels.shape[1]),
-                       "height": int(pixels.shape[0]), "content_key": content_key(data)})
+                       "height": int(pixels.shape[0]), "content_key": content_key(data), "url": url,
+                       "annotation_id": annotation.get("id"),
+                       "annotation_updated_at": annotation.get("updated_at") or annotation.get("created_at")})
         for obj in objects:
             annotations.append(_coco_annotation(len(annotations) + 1, task_id, obj, labels))
             info.per_label[obj["label"]] += 1

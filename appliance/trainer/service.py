@@ -107,7 +107,22 @@ class Trainer:
         outcome = self.run(reason, waited=time.time() - last_change if last_change else None, requests=requests)
         if outcome.get("result") == "published" and self.settings.repredict:
             self._repredict_after(outcome)  # outside the training lock: another run may start meanwhile
+        if outcome.get("result") == "published" and self.settings.gcs_target_bucket:
+            self._export_dataset(outcome)
         return outcome
+
+    def _export_dataset(self, outcome: dict) -> None:
+        """The version's training set, as COCO, beside the annotations in the target bucket; a failure is reported
+        and changes nothing else (the version is published and serves)."""
+        from appliance.export.run import publish_dataset
+
+        self.status.update(stage="export")
+        try:
+            outcome["dataset_export"] = publish_dataset(self.settings, outcome["version"])
+        except Exception as error:  # noqa: BLE001 - the bucket being down must not stop the trainer
+            outcome["dataset_export"] = f"failed: {str(error).splitlines()[0][:200] if str(error) else error!r}"
+        log.info("run %s: dataset export %s", outcome.get("run"), outcome["dataset_export"])
+        self.status.update(stage=None, last=outcome)
 
     # --- one run -------------------------------------------------------------------------------
     def _lap(self, stage: str) -> None:
@@ -288,6 +303,9 @@ class Trainer:
                     "why": "the training lock was lost during the run (its database session ended, or another trainer "
                            "took the lease over); not published, another run may have started"}
         self.status.update(stage="publish")
+        from appliance.trainer.build import keep_snapshot
+
+        keep_snapshot(datasets, model_dir)
         version = self.registry.publish(model_dir, {**(candidate or {}), "baseline": current,
                                                     "journal_until": self.journal_until, **datasets.summary()})
         self.registry.prune(self.settings.keep_versions)
