@@ -223,3 +223,19 @@ def test_version_export_is_the_snapshot_even_after_edits(project, tmp_path):
     assert len(coco.getAnnIds(imgIds=first["id"])) == 1 and last["id"] not in coco.imgs
     unknown = cli(app, "export", "--format", "coco", "--output", str(tmp_path / "x"), "--version", "v9999")
     assert unknown.returncode == 1 and "v9999" in unknown.stderr
+
+
+def test_one_polygon_keeps_holes_separate_parts_and_one_pixel_objects():
+    from appliance.export.polygons import mask_polygon
+
+    mask = np.zeros((60, 80), dtype=bool)
+    mask[10:50, 10:40] = True
+    mask[20:30, 20:30] = False  # a hole
+    mask[5:15, 50:70] = True  # a second part
+    drawn = rasterise(mask_polygon(mask), 80, 60)
+    assert not drawn[25, 25] and drawn[10, 60] and (drawn & mask).sum() / (drawn | mask).sum() > 0.98
+    for shape in ((slice(3, 4), slice(2, 4)), (slice(3, 4), slice(3, 4))):  # a 2-pixel line, a single pixel
+        tiny = np.zeros((10, 10), dtype=bool)
+        tiny[shape] = True
+        polygon = mask_polygon(tiny)
+        assert len(polygon) >= 3 and (rasterise(polygon, 10, 10) == tiny).all()

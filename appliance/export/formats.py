@@ -120,7 +120,7 @@ class YoloSegWriter(Writer):
         lines = []
         for obj in item.objects:
             polygon = mask_polygon(item.mask(obj))
-            if polygon is None or len(polygon) < 3:
+            if polygon is None:
                 continue
             coords = (polygon / np.array([item.width, item.height])).clip(0, 1).ravel()
             lines.append(" ".join([str(self.category[obj["label"]] - 1)] + [f"{v:.6f}" for v in coords]))

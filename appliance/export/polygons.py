@@ -38,6 +38,8 @@ def mask_polygon(mask: np.ndarray) -> np.ndarray | None:
     polygon = found[0]
     for ring in found[1:]:
         polygon = bridge(polygon, ring)
+    if len(polygon) < 3:  # a one-pixel-wide line or a single pixel: readers want 3 points; the fill draws it
+        polygon = np.concatenate([polygon, polygon[-1:].repeat(3 - len(polygon), axis=0)])
     return polygon
 
 
