@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.test-tools
 APPLIANCE := $(VENV)/app/bin/appliance
 
-.PHONY: demo test install browser bench clean image image-test multinode-test
+.PHONY: demo test test-fast install browser bench clean image image-test multinode-test
 
 $(STAMP): pyproject.toml requirements/app.lock requirements/studio.lock requirements/studio.txt scripts/install.sh
 	scripts/install.sh $(abspath $(VENV)) --editable
@@ -22,6 +22,10 @@ demo: $(STAMP)
 
 test: $(STAMP) $(TEST_STAMP)
 	OMP_WAIT_POLICY=PASSIVE $(VENV)/app/bin/python -m pytest $(PYTEST_ARGS)
+
+# The tests that start no appliance, train nothing and soak nothing (a few minutes): feedback while editing.
+test-fast: $(STAMP) $(TEST_STAMP)
+	OMP_WAIT_POLICY=PASSIVE $(VENV)/app/bin/python -m pytest -m "not heavy" $(PYTEST_ARGS)
 
 # The container image, built and run with podman where no Docker engine or registry is at hand (root; see README).
 IMAGE ?= labeling-appliance

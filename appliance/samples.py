@@ -1,4 +1,5 @@
-"""Sample photos for the offline demo: real photographs bundled with scikit-image, copied into an empty images folder."""
+"""Sample photos for the offline demo: real photographs bundled with scikit-image, copied into an empty images
+folder."""
 
 from __future__ import annotations
 

@@ -212,7 +212,9 @@ def table(rows: list[dict]) -> str:
     lines = ["| arch | N | train/held-out | run | segm AP50 | segm AP | bbox AP50 | bbox AP | found (of objects) "
              "| training s | Nth annotation -> serving s |", "| --- " * 11 + "|"]
     for r in rows:
-        fmt = (lambda k: f"{r[k]:.3f}" if r.get(k) is not None else "-")
+        def fmt(k: str, r: dict = r) -> str:
+            return f"{r[k]:.3f}" if r.get(k) is not None else "-"
+
         run = r["result"] if r["result"] != "rejected" else f"rejected ({(r.get('why') or '')[:40]})"
         found = f"{r['found']} of {r['objects']}" if "found" in r else "-"
         lines.append(f"| {r['arch']} | {r['n']} | {r.get('train_images')}/{r.get('holdout_images')} | {run} "

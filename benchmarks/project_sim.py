@@ -129,7 +129,7 @@ class Session:
                     "original_width": width, "original_height": height, "is_positive": positive,
                     "value": {"x": x * 100 / width, "y": y * 100 / height, "width": 0.5, "keypointlabels": [label]}}
                    for (x, y), positive in clicks]
-        for attempt in range(60):  # the SAM backend may still be loading on the first photo
+        for _ in range(60):  # the SAM backend may still be loading on the first photo
             if alone:
                 response = requests.post(f"{self.sam_backend}/predict", auth=self.auth, timeout=300, json={
                     "tasks": [{"id": task["id"], "data": task["data"]}], "label_config": self.config,

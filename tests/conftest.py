@@ -9,6 +9,21 @@ import pytest
 from harness import ARTIFACTS, ROOT, Appliance, appliance_env, free_port  # noqa: F401  (re-exported for tests)
 
 
+# The fast tier (`make test-fast`) leaves out every test that starts an appliance, trains a model or soaks:
+# those using the appliance fixtures, and the modules below, which start their own or train.
+APPLIANCE_FIXTURES = {"appliance", "default_appliance"}
+HEAVY_MODULES = {"test_browser", "test_detection", "test_faults", "test_gcs", "test_orphans", "test_postgres",
+                 "test_sam_prompt", "test_sam_service", "test_samdet", "test_shared_state", "test_soak", "test_trainer",
+                 "test_trainer_robustness", "test_trainer_service", "test_listen"}
+
+
+def pytest_collection_modifyitems(items) -> None:
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
+        if module in HEAVY_MODULES or APPLIANCE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.heavy)
+
+
 @pytest.fixture(scope="session")
 def artifacts() -> Path:
     ARTIFACTS.mkdir(exist_ok=True)

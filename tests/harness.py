@@ -113,6 +113,16 @@ class Appliance:
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        """``appliance ARGS`` with this appliance's environment."""
+        return cli(self.env, *args, timeout=timeout)
+
+
+def cli(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """The real command, ``python -m appliance ARGS``, as a user runs it: output captured, never hanging."""
+    return subprocess.run([sys.executable, "-m", "appliance", *args], env=env, capture_output=True, text=True,
+                          cwd=ROOT, timeout=timeout)
+
 
 @contextmanager
 def gcs_emulator(root: Path, buckets: tuple[str, ...] = ()):

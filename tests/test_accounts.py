@@ -15,11 +15,6 @@ from appliance.settings import load_settings
 from harness import ROOT, Appliance, login
 
 
-def cli(app: Appliance, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "appliance", *args], env=app.env, capture_output=True, text=True,
-                          cwd=ROOT, timeout=120)
-
-
 def scratch_task(app: Appliance) -> int:
     """A task in a project of its own: what annotators submit here must not reach the appliance project's journal
     (its trainer counts annotations, and the trainer tests count on that)."""
@@ -61,26 +56,26 @@ def test_annotators_from_the_environment_exist_once_and_can_submit(appliance):
     ensure_secrets(settings)
     assert entrypoint.ensure_annotators(settings) == []  # a second start creates nothing, changes no password
     assert read_secrets_file(appliance.data_dir / "secrets.env") == stored
-    listed = cli(appliance, "users", "list").stdout
+    listed = appliance.cli("users", "list").stdout
     assert "ana@example.org" in listed and "annotator" in listed and "admin@appliance.local" in listed
     assert "1 annotations" in listed.split("ana@example.org")[1].splitlines()[0]
-    shown = cli(appliance, "credentials").stdout
+    shown = appliance.cli("credentials").stdout
     assert f"annotator bo@example.org: password {passwords['bo@example.org']}" in shown
 
 
 def test_users_add_prints_the_password_once_and_refuses_bad_input(appliance):
-    bad = cli(appliance, "users", "add", "not an e-mail")
+    bad = appliance.cli("users", "add", "not an e-mail")
     lines = bad.stderr.strip().splitlines()
     assert bad.returncode == 1 and len(lines) == 1 and "not an e-mail address" in lines[0], lines
 
-    added = cli(appliance, "users", "add", "Cy@Example.org", "--name", "Cy Young")
+    added = appliance.cli("users", "add", "Cy@Example.org", "--name", "Cy Young")
     assert added.returncode == 0, added.stderr
     password = added.stdout.split("password: ")[1].split()[0]
     assert submit_as(appliance, "cy@example.org", password, scratch_task(appliance)) == 201
     assert password not in appliance.log_text()
     assert password not in (appliance.data_dir / "secrets.env").read_text()  # printed once, kept nowhere
 
-    again = cli(appliance, "users", "add", "cy@example.org")
+    again = appliance.cli("users", "add", "cy@example.org")
     assert again.returncode == 1 and "has an account already" in again.stderr
     assert login(appliance.url, "cy@example.org", password).get(
         f"{appliance.url}/api/current-user/whoami", timeout=30).status_code == 200  # unchanged

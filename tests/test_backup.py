@@ -6,8 +6,6 @@ from __future__ import annotations
 import os
 import sqlite3
 import stat
-import subprocess
-import sys
 import tarfile
 import threading
 import time
@@ -18,12 +16,7 @@ import requests
 
 from appliance import backup
 from appliance.settings import load_settings
-from harness import ROOT, Appliance, appliance_env
-
-
-def cli(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "appliance", *args], env=env, capture_output=True, text=True,
-                          cwd=ROOT, timeout=timeout)
+from harness import Appliance, appliance_env, cli
 
 
 def registry_view(data_dir: Path) -> tuple[str | None, list[str]]:

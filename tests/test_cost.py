@@ -74,8 +74,8 @@ def test_thresholds_are_chosen_per_class_by_cost():
     assert chosen["dog"] == 0.3
     # With the lowest score predicted (the held-out set's floor), showing every prediction goes halfway down to it.
     assert choose_thresholds(photos, floor=0.1)["dog"] == 0.2 and choose_thresholds(photos, floor=0.1)["cat"] == 0.55
-    assert total(photos, chosen).actions < min(total(photos, {"cat": t, "dog": d}).actions
-                                               for t in (0.0, 0.95, NO_PREDICTIONS) for d in (0.0, 0.92, NO_PREDICTIONS))
+    grid = [{"cat": t, "dog": d} for t in (0.0, 0.95, NO_PREDICTIONS) for d in (0.0, 0.92, NO_PREDICTIONS)]
+    assert total(photos, chosen).actions < min(total(photos, thresholds).actions for thresholds in grid)
 
 
 def test_a_class_whose_predictions_are_all_junk_is_not_shown():

@@ -169,12 +169,13 @@ def test_data_disk_dry_run(tmp_path):
     assert "formatted only if 'blkid -p' finds neither a filesystem nor a partition table" in text
     mkfs = [a for a in actions(proc) if a.startswith("mkfs.ext4 ")]
     assert mkfs and mkfs[0].endswith(disk)
-    assert f"+ echo 'UUID=<UUID of {disk}> {data} ext4 discard,defaults,nofail,x-systemd.before=docker.service 0 2' >> /etc/fstab" in text
+    fstab = f"UUID=<UUID of {disk}> {data} ext4 discard,defaults,nofail,x-systemd.before=docker.service 0 2"
+    assert f"+ echo '{fstab}' >> /etc/fstab" in text
     assert f"+ mount {data}" in text
     assert f"+ chown 1000:1000 {data}" in text
     # The mount comes before anything is written into the data directory.
     lines = text.splitlines()
-    assert lines.index(f"+ mount {data}") < next(i for i, l in enumerate(lines) if "appliance.env" in l)
+    assert lines.index(f"+ mount {data}") < next(i for i, line in enumerate(lines) if "appliance.env" in line)
 
 
 def test_no_data_disk_means_no_mkfs_nor_fstab(tmp_path):
@@ -214,7 +215,8 @@ def test_settings_go_to_the_env_file_by_name_only(tmp_path):
                    APPLIANCE_PORT="9999", UNRELATED_VARIABLE="x")
     assert proc.returncode == 0, output(proc)
     text = output(proc)
-    env_line = next(line for line in proc.stdout.splitlines() if line.startswith("==> writing") and "appliance.env" in line)
+    env_line = next(line for line in proc.stdout.splitlines()
+                    if line.startswith("==> writing") and "appliance.env" in line)
     for key in ("APPLIANCE_PROJECT_TITLE", "LABEL_STUDIO_PASSWORD", "APPLIANCE_LABELS"):
         assert key in env_line
     assert "UNRELATED_VARIABLE" not in env_line

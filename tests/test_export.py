@@ -11,8 +11,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import cv2
@@ -33,11 +31,6 @@ from random_model import random_model
 
 SHARED = ROOT.parent / "shared" / "data"
 PHOTOS = {"nuclei": 2, "coco-ccby": ["photo_025.jpg", "photo_026.jpg"]}
-
-
-def cli(app: Appliance, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "appliance", *args], env=app.env, capture_output=True, text=True,
-                          cwd=ROOT, timeout=600)
 
 
 def real_photos() -> list[tuple[Path, list[np.ndarray]]]:
@@ -98,7 +91,7 @@ def project(default_appliance):
 
 def test_coco_export_equals_the_submitted_masks_pixel_for_pixel(project, tmp_path):
     app, tasks, label = project
-    done = cli(app, "export", "--format", "coco", "--output", str(tmp_path / "coco"), "--include-images")
+    done = app.cli("export", "--format", "coco", "--output", str(tmp_path / "coco"), "--include-images")
     assert done.returncode == 0, done.stderr
     assert "0 failed" in done.stdout, done.stdout
     with contextlib.redirect_stdout(io.StringIO()):
@@ -127,12 +120,12 @@ def test_coco_export_equals_the_submitted_masks_pixel_for_pixel(project, tmp_pat
 
 def test_yolo_seg_polygons_redraw_the_masks(project, tmp_path):
     app, tasks, label = project
-    done = cli(app, "export", "--format", "yolo-seg", "--output", str(tmp_path / "yolo"))
+    done = app.cli("export", "--format", "yolo-seg", "--output", str(tmp_path / "yolo"))
     assert done.returncode == 0, done.stderr
     data = yaml.safe_load((tmp_path / "yolo" / "data.yaml").read_text())
     assert data["names"][0] == label
     ious = []
-    for task_id, (path, masks) in tasks.items():
+    for task_id, (_, masks) in tasks.items():
         lines = (tmp_path / "yolo" / "labels" / f"{task_id}.txt").read_text().splitlines()
         assert len(lines) == len(masks)
         height, width = masks[0].shape
@@ -149,7 +142,7 @@ def test_yolo_seg_polygons_redraw_the_masks(project, tmp_path):
 
 def test_mask_pngs_hold_instance_and_class_ids(project, tmp_path):
     app, tasks, _ = project
-    done = cli(app, "export", "--format", "masks", "--output", str(tmp_path / "png"))
+    done = app.cli("export", "--format", "masks", "--output", str(tmp_path / "png"))
     assert done.returncode == 0, done.stderr
     assert json.loads((tmp_path / "png" / "classes.json").read_text())["1"]
     for task_id, (_, masks) in tasks.items():
@@ -164,12 +157,12 @@ def test_mask_pngs_hold_instance_and_class_ids(project, tmp_path):
 
 def test_label_studio_json_and_a_bad_output_folder(project, tmp_path):
     app, tasks, _ = project
-    done = cli(app, "export", "--format", "label-studio", "--output", str(tmp_path / "ls"))
+    done = app.cli("export", "--format", "label-studio", "--output", str(tmp_path / "ls"))
     assert done.returncode == 0, done.stderr
     exported = {t["id"]: t for t in json.loads((tmp_path / "ls" / "tasks.json").read_text())}
     for task_id, (_, masks) in tasks.items():
         assert len(exported[task_id]["annotations"][0]["result"]) == len(masks)
-    refused = cli(app, "export", "--format", "coco", "--output", str(tmp_path / "ls"))
+    refused = app.cli("export", "--format", "coco", "--output", str(tmp_path / "ls"))
     lines = refused.stderr.strip().splitlines()
     assert refused.returncode == 1 and len(lines) == 1 and "not an empty folder" in lines[0], lines
 
@@ -198,7 +191,7 @@ def test_version_export_is_the_snapshot_even_after_edits(project, tmp_path):
                                                                  "train_objects": train.objects,
                                                                  "holdout_images": holdout.images},
                                                          make_current=False)
-    listed = cli(app, "model", "list").stdout
+    listed = app.cli("model", "list").stdout
     assert f"trained on 3 images ({train.objects} objects), held out 1" in listed, listed
 
     first, last = snapshot[0], snapshot[-1]
@@ -207,7 +200,7 @@ def test_version_export_is_the_snapshot_even_after_edits(project, tmp_path):
             json={"result": edited["result"][:1]}).raise_for_status()
     app.api("DELETE", f"/api/annotations/{last['annotations'][0]['id']}").raise_for_status()
 
-    done = cli(app, "export", "--format", "coco", "--output", str(tmp_path / "v"), "--version", version)
+    done = app.cli("export", "--format", "coco", "--output", str(tmp_path / "v"), "--version", version)
     assert done.returncode == 0, done.stderr
     for split, expected in (("train", ids[:-1]), ("holdout", ids[-1:])):
         with contextlib.redirect_stdout(io.StringIO()):
@@ -217,11 +210,12 @@ def test_version_export_is_the_snapshot_even_after_edits(project, tmp_path):
             masks = tasks[task_id][1]
             exported = [coco.annToMask(a).astype(bool) for a in coco.loadAnns(coco.getAnnIds(imgIds=task_id))]
             assert len(exported) == len(masks) and all((a == b).all() for a, b in zip(masks, exported))
-    now = cli(app, "export", "--format", "coco", "--output", str(tmp_path / "now"))
+    now = app.cli("export", "--format", "coco", "--output", str(tmp_path / "now"))
+    assert now.returncode == 0, now.stderr
     with contextlib.redirect_stdout(io.StringIO()):
         coco = COCO(str(tmp_path / "now" / "annotations.json"))
     assert len(coco.getAnnIds(imgIds=first["id"])) == 1 and last["id"] not in coco.imgs
-    unknown = cli(app, "export", "--format", "coco", "--output", str(tmp_path / "x"), "--version", "v9999")
+    unknown = app.cli("export", "--format", "coco", "--output", str(tmp_path / "x"), "--version", "v9999")
     assert unknown.returncode == 1 and "v9999" in unknown.stderr
 
 

@@ -129,5 +129,6 @@ def test_the_trainers_liveness_command_fails_when_a_program_gave_up():
     running = [{"name": "train", "state": "RUNNING", "pid": 7, "uptime": "1:00"},
                {"name": "bootstrap", "state": "EXITED", "pid": 0, "uptime": ""}]
     assert not down({"processes": running})
-    assert down({"processes": [*running[:1], {"name": "sam", "state": "FATAL", "pid": 0, "uptime": "Exited too quickly"}]})
+    fatal = {"name": "sam", "state": "FATAL", "pid": 0, "uptime": "Exited too quickly"}
+    assert down({"processes": [*running[:1], fatal]})
     assert down({"processes": "supervisord is not running (no socket at /data/run/supervisor.sock)"})

@@ -24,12 +24,7 @@ import requests
 
 from appliance.models.registry import ModelRegistry
 from appliance.settings import load_settings
-from harness import ROOT, Appliance, appliance_env
-
-
-def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "appliance", *args], env=env, capture_output=True, text=True,
-                          cwd=ROOT, timeout=120)
+from harness import ROOT, Appliance, appliance_env, cli
 
 
 def processes() -> dict[int, tuple[int, int, str]]:

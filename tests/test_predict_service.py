@@ -6,8 +6,6 @@ knows nothing of "rectangle", which must therefore be dropped.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -16,7 +14,6 @@ import pytest
 import requests
 from label_studio_sdk.converter.brush import decode_rle
 
-from harness import ROOT
 from synthetic import make_dataset
 
 CLASSES = ["circle", "rectangle"]
@@ -157,23 +154,18 @@ def test_hot_swap_during_a_stream_of_requests_fails_none(appliance, tiny_models)
     assert first in seen and second in seen and seen.index(second) > seen.index(first)
 
 
-def cli(appliance, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "appliance", *args], env=appliance.env, capture_output=True,
-                          text=True, cwd=ROOT, timeout=600)
-
-
 def test_bulk_predict_is_resumable(appliance, tiny_models):
     if serving(appliance) == "no-model":
         publish(appliance, tiny_models[0])
     version = serving(appliance)
-    first = cli(appliance, "predict", "--all", "--batch", "2")
+    first = appliance.cli("predict", "--all", "--batch", "2")
     assert first.returncode == 0, first.stderr[-2000:]
     pid = appliance.state()["project_id"]
     tasks = appliance.api("GET", f"/api/projects/{pid}/export",
                           params={"exportType": "JSON", "download_all_tasks": "true"}).json()
     predictions = appliance.api("GET", "/api/predictions", params={"project": pid}).json()
     assert {t["id"] for t in tasks} == {p["task"] for p in predictions if p["model_version"] == version}
-    again = cli(appliance, "predict", "--all")
+    again = appliance.cli("predict", "--all")
     assert again.returncode == 0 and f"0 task(s) pre-annotated with {version}" in again.stdout
     assert f"{len(tasks)} already had it" in again.stdout
 
@@ -183,16 +175,16 @@ def test_model_list_and_rollback(appliance, tiny_models):
 
     while len(ModelRegistry(appliance.data_dir / "models").list()) < 2:
         publish(appliance, tiny_models[1])
-    listing = cli(appliance, "model", "list").stdout.splitlines()
+    listing = appliance.cli("model", "list").stdout.splitlines()
     current = next(line.split()[1] for line in listing if line.startswith("*"))
     older = next(line.split()[0] for line in listing if not line.startswith("*"))
-    assert cli(appliance, "model", "use", older).returncode == 0
+    assert appliance.cli("model", "use", older).returncode == 0
     deadline = time.time() + 60
     while serving(appliance) != older:
         assert time.time() < deadline, "backend did not roll back"
         time.sleep(0.5)
     assert current != older
-    bad = cli(appliance, "model", "use", "v9999-nope")
+    bad = appliance.cli("model", "use", "v9999-nope")
     assert bad.returncode != 0 and "v9999-nope" in bad.stderr
 
 
@@ -214,11 +206,11 @@ def test_broken_version_never_replaces_a_working_one(appliance, tiny_models, tmp
         assert time.time() < deadline, "the backend did not report the broken version"
         time.sleep(0.5)
     assert serving(appliance) == working
-    assert cli(appliance, "model", "use", working).returncode == 0
+    assert appliance.cli("model", "use", working).returncode == 0
 
 
 def test_pretrained_weights_import_as_a_version(appliance, tiny_models):
-    out = cli(appliance, "model", "import", "--weights", str(tiny_models[1] / "weights.pth"),
+    out = appliance.cli("model", "import", "--weights", str(tiny_models[1] / "weights.pth"),
               "--classes", ",".join(CLASSES))
     assert out.returncode == 0, out.stderr[-2000:]
     version = out.stdout.split()[-1]
@@ -226,11 +218,11 @@ def test_pretrained_weights_import_as_a_version(appliance, tiny_models):
     while serving(appliance) != version:
         assert time.time() < deadline, f"backend did not serve the imported {version}"
         time.sleep(0.5)
-    missing = cli(appliance, "model", "import", "--weights", "/nonexistent.pth")
+    missing = appliance.cli("model", "import", "--weights", "/nonexistent.pth")
     assert missing.returncode != 0 and "not found" in missing.stderr
     # Weights that do not fit the classes given are refused before they become a version.
-    versions = cli(appliance, "model", "list").stdout
-    misfit = cli(appliance, "model", "import", "--weights", str(tiny_models[1] / "weights.pth"),
+    versions = appliance.cli("model", "list").stdout
+    misfit = appliance.cli("model", "import", "--weights", str(tiny_models[1] / "weights.pth"),
                  "--classes", "a,b,c,d,e")
     assert misfit.returncode != 0 and "does not match" in misfit.stderr, misfit.stderr[-2000:]
-    assert cli(appliance, "model", "list").stdout == versions and serving(appliance) == version
+    assert appliance.cli("model", "list").stdout == versions and serving(appliance) == version

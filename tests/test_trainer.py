@@ -88,7 +88,8 @@ def trainer_for(tmp_path: Path, build, embeddings: Path | None = None, **env: st
 
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory, shapes, embeddings) -> tuple[Path, dict, dict]:
-    """One real first run (auto: sam-prompt on the shapes, a few per image), shared: its data folder, its outcome and the status after it."""
+    """One real first run (auto: sam-prompt on the shapes, a few per image), shared: its data folder, its outcome
+    and the status after it."""
     data = tmp_path_factory.mktemp("first-run")
     trainer = trainer_for(data, synthetic_build(*shapes), embeddings)
     return data, trainer.run("first"), trainer.status.read()
@@ -192,7 +193,7 @@ def test_pretrained_weights_are_fine_tuned_through_the_label_map(tmp_path, shape
     import torch
 
     from appliance.backends.labeling import parse
-    from appliance.models.detection.train import main as train_main
+    from appliance.models.detection.train import train
     from appliance.trainer import init
     from random_model import random_model
 
@@ -203,19 +204,19 @@ def test_pretrained_weights_are_fine_tuned_through_the_label_map(tmp_path, shape
                 "state_dict": weights, "message_hub": {"log_dir": Path("/runs/coco")}}, checkpoint)
     settings = load_settings({"APPLIANCE_DATA_DIR": str(tmp_path / "data"),
                               "APPLIANCE_DETECTOR_WEIGHTS": str(checkpoint),
-                              "APPLIANCE_DETECTOR_CLASSES": "person,Circle,car", "APPLIANCE_LABEL_MAP": "car:rectangle"})
+                              "APPLIANCE_DETECTOR_CLASSES": "person,Circle,car",
+                              "APPLIANCE_LABEL_MAP": "car:rectangle"})
     assert settings.train_arch == "rtmdet-ins-tiny"  # the weights' architecture unless another is asked for
     spec = parse('<View><Image name="image" value="$image"/><BrushLabels name="tag" toName="image">'
                  '<Label value="circle"/><Label value="rectangle"/></BrushLabels></View>')
     labels_of = init.class_labels(settings, spec)
-    arguments = init.init_arguments(settings, None, LABELS, labels_of)
-    assert arguments[:4] == ["--init", str(checkpoint), "--init-classes", "person,Circle,car"]
-    assert json.loads(arguments[5]) == {"circle": "Circle", "rectangle": "car"} and arguments[-1] == "--init-trusted"
+    fields = init.init_fields(settings, None, LABELS, labels_of)
+    assert fields == {"init": checkpoint, "init_classes": ["person", "Circle", "car"], "init_trusted": True,
+                      "class_map": {"circle": "Circle", "rectangle": "car"}}
 
     out = tmp_path / "model"
-    train_main(["--dataset", str(shapes[0]), "--out", str(out), "--classes", ",".join(LABELS),
-                "--arch", "rtmdet-ins-tiny", "--epochs", "1", "--img-size", "64", "--lr", "0",
-                "--init-weights", *arguments[1:]])
+    train(shapes[0], LABELS, out, arch="rtmdet-ins-tiny", epochs=1, img_size=64, lr=0, init_weights=fields["init"],
+          init_classes=fields["init_classes"], class_map=fields["class_map"], init_trusted=fields["init_trusted"])
     after = torch.load(out / "weights.pth", weights_only=True)["state_dict"]
     for level in range(3):
         rows = after[f"bbox_head.rtm_cls.{level}.weight"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from pathlib import Path
 
 from appliance.settings import Settings
 from appliance.shared.bucket import RETRY, TIMEOUT, SharedBucket

@@ -31,25 +31,23 @@ def labels_for(model_dir: Path, labels_of: LabelOf) -> dict[str, str | None]:
     return {name: labels_of(name) for name in _classes(model_dir)}
 
 
-def init_arguments(settings: Settings, current_dir: Path | None, classes: list[str], labels_of: LabelOf,
-                   arch: str | None = None) -> list[str]:
-    """The training job's --init arguments (none: the architecture's own initialisation) for a run training
-    ``arch`` (default: APPLIANCE_TRAIN_ARCH)."""
+def init_fields(settings: Settings, current_dir: Path | None, classes: list[str], labels_of: LabelOf,
+                arch: str | None = None) -> dict:
+    """The training job's init fields (spec.TrainingJob; none: the architecture's own initialisation) for a run
+    training ``arch`` (default: APPLIANCE_TRAIN_ARCH)."""
     source = _source(settings, current_dir, arch or settings.train_arch)
     if source is None:
-        return []
+        return {}
     weights, source_classes, trusted = source
-    arguments = ["--init", str(weights)]
+    fields: dict = {"init": weights, "init_trusted": trusted}
     if source_classes != classes:
         class_map = {}
         for label in classes:
             continued = [name for name in source_classes if labels_of(name) == label]
             if continued:
                 class_map[label] = continued[0]
-        arguments += ["--init-classes", ",".join(source_classes), "--class-map", json.dumps(class_map)]
-    if trusted:
-        arguments.append("--init-trusted")
-    return arguments
+        fields.update(init_classes=source_classes, class_map=class_map)
+    return fields
 
 
 def _source(settings: Settings, current_dir: Path | None, arch: str) -> tuple[Path, list[str], bool] | None:

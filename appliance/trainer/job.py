@@ -1,6 +1,6 @@
 """One training job, run by the trainer in a subprocess (threads bounded, GPU memory released when it exits).
 
-    python -m appliance.trainer.job --train D --holdout H --out O --classes a,b [--init W] [--current C] ...
+    python -m appliance.trainer.job JOB.json      (a spec.TrainingJob, written by the trainer)
 
 Prints JSON lines on stdout: {"event": "iter", epoch, iter, loss, eta_s, ...} during training, then
 {"event": "metrics", "candidate": {...}, "current": {...} | null}. Exit code non-zero on failure.
@@ -8,18 +8,19 @@ Prints JSON lines on stdout: {"event": "iter", epoch, iter, loss, eta_s, ...} du
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import sys
 from pathlib import Path
+
+from appliance.trainer.spec import TrainingJob
 
 
 def emit(event: dict) -> None:
     print(json.dumps(event), flush=True)
 
 
-def holdout_scores(args) -> tuple[dict | None, dict | None]:
+def holdout_scores(args: TrainingJob) -> tuple[dict | None, dict | None]:
     """(candidate, current): each model's AP and annotator cost on the held-out tasks (models/detection/holdout).
     The candidate's score thresholds are chosen there; the current model is scored at the thresholds it serves."""
     from appliance.models.detection import holdout
@@ -48,11 +49,10 @@ def holdout_scores(args) -> tuple[dict | None, dict | None]:
     candidate = holdout.score(detector(args.out), held)
     if not args.current:
         return candidate, None
-    labels = json.loads(args.current_labels) if args.current_labels is not None else None
-    thresholds = json.loads(args.current_thresholds) if args.current_thresholds else {}
+    labels = args.current_labels
     label_of = (lambda name: labels.get(name)) if labels is not None else None
-    current = holdout.score(detector(args.current), held, label_of,
-                            thresholds, args.score_threshold)
+    current = holdout.score(detector(args.current), held, label_of, dict(args.current_thresholds),
+                            args.score_threshold)
     return candidate, current
 
 
@@ -71,43 +71,19 @@ def device_defaults(device: str, img_size: int, batch_size: int) -> tuple[int, i
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--train", type=Path, required=True)
-    parser.add_argument("--holdout", type=Path, required=True)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--classes", required=True)
-    parser.add_argument("--init", type=Path)
-    parser.add_argument("--init-classes", help="classes of --init when they are not --classes")
-    parser.add_argument("--class-map", help='JSON {"label": "class of --init it continues"}')
-    parser.add_argument("--init-trusted", action="store_true", help="--init is a full checkpoint the admin gave")
-    parser.add_argument("--current", type=Path)
-    parser.add_argument("--current-labels", help='JSON {"class of --current": "label" | null}')
-    parser.add_argument("--current-thresholds", help='JSON {"class of --current": score threshold it serves}')
-    parser.add_argument("--score-threshold", type=float, default=0.3, help="--current's for classes not listed")
-    parser.add_argument("--arch", default="rtmdet-ins-tiny")
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--batch-size", type=int, default=0, help="0: the device's default")
-    parser.add_argument("--img-size", type=int, default=0, help="0: the device's default")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--embeddings", type=Path, help="the shared SAM embedding store")
-    parser.add_argument("--embeddings-mb", type=int, default=2048)
-    parser.add_argument("--sam-model-type", default="vit_t")
-    parser.add_argument("--sam-checkpoint", type=Path)
-    args = parser.parse_args(argv)
+    args = TrainingJob.read(Path((argv if argv is not None else sys.argv[1:])[0]))
 
     import torch
 
     torch.set_num_threads(args.threads)
-    args.img_size, args.batch_size = device_defaults(args.device, args.img_size, args.batch_size)
+    img_size, batch_size = device_defaults(args.device, args.img_size, args.batch_size)
     from appliance.models.detection.train import train
 
-    train(args.train, args.classes.split(","), args.out, arch=args.arch, init_weights=args.init,
-          epochs=args.epochs, batch_size=args.batch_size, threads=args.threads, img_size=args.img_size,
+    train(args.train, args.classes, args.out, arch=args.arch, init_weights=args.init,
+          epochs=args.epochs, batch_size=batch_size, threads=args.threads, img_size=img_size,
           device=args.device, progress=emit, embedding_store=args.embeddings, embedding_store_mb=args.embeddings_mb,
           sam_model_type=args.sam_model_type, sam_checkpoint=args.sam_checkpoint,
-          init_classes=args.init_classes.split(",") if args.init_classes else None,
-          class_map=json.loads(args.class_map) if args.class_map else None, init_trusted=args.init_trusted)
+          init_classes=args.init_classes, class_map=args.class_map, init_trusted=args.init_trusted)
     candidate, current = holdout_scores(args)
     emit({"event": "metrics", "candidate": candidate, "current": current})
 

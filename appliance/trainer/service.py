@@ -25,6 +25,7 @@ from appliance.models.detection.configs import resolve_arch
 from appliance.supervise import die_with_parent
 from appliance.trainer import init, journal, policy
 from appliance.trainer.schedule import Schedule
+from appliance.trainer.spec import TrainingJob
 from appliance.trainer.status import StatusFile
 from appliance.settings import Settings
 from appliance.shared.lock import Hold, training_lock
@@ -211,25 +212,21 @@ class Trainer:
         classes = datasets.trained_labels()
         arch = resolve_arch(self.settings.train_arch, datasets.train / "annotations.json")
         self.status.update(arch=arch)
-        command = [sys.executable, "-m", "appliance.trainer.job", "--train", str(datasets.train),
-                   "--holdout", str(datasets.holdout), "--out", str(work / "model"),
-                   "--classes", ",".join(classes), "--arch", arch,
-                   "--epochs", str(self.settings.train_epochs), "--img-size", str(self.settings.train_img_size),
-                   "--batch-size", str(self.settings.train_batch),
-                   "--threads", str(self.settings.train_threads), "--device", self.settings.device,
-                   "--embeddings-mb", str(self.settings.embedding_store_mb),
-                   "--sam-model-type", self.settings.sam_model_type]
-        if self.settings.embedding_store_mb > 0:  # the SAM embeddings the SAM backend stored for the clicks
-            command += ["--embeddings", str(self.settings.embeddings_dir)]
-        if self.settings.sam_checkpoint:
-            command += ["--sam-checkpoint", str(self.settings.sam_checkpoint)]
         labels_of = init.class_labels(self.settings, datasets.spec)
-        command += init.init_arguments(self.settings, current.path if current else None, classes, labels_of, arch)
+        serving = {}
         if current is not None:
-            command += ["--current", str(current.path),
-                        "--current-labels", json.dumps(init.labels_for(current.path, labels_of)),
-                        "--current-thresholds", json.dumps(current.metrics.get("thresholds") or {}),
-                        "--score-threshold", str(self.settings.score_threshold)]
+            serving = dict(current=current.path, current_labels=init.labels_for(current.path, labels_of),
+                           current_thresholds=current.metrics.get("thresholds") or {},
+                           score_threshold=self.settings.score_threshold)
+        store = self.settings.embedding_store_mb > 0  # the SAM embeddings the SAM backend stored for the clicks
+        job = TrainingJob(
+            train=datasets.train, holdout=datasets.holdout, out=work / "model", classes=classes, arch=arch,
+            epochs=self.settings.train_epochs, img_size=self.settings.train_img_size,
+            batch_size=self.settings.train_batch, threads=self.settings.train_threads, device=self.settings.device,
+            sam_model_type=self.settings.sam_model_type, sam_checkpoint=self.settings.sam_checkpoint,
+            embeddings=self.settings.embeddings_dir if store else None, embeddings_mb=self.settings.embedding_store_mb,
+            **init.init_fields(self.settings, current.path if current else None, classes, labels_of, arch), **serving)
+        command = [sys.executable, "-m", "appliance.trainer.job", str(job.write(work / "job.json"))]
         env = {**os.environ, "OMP_NUM_THREADS": str(self.settings.train_threads)}
         # The job dies with the trainer, even a trainer killed with -9: no training run outlives the appliance.
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,

@@ -10,7 +10,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-import re
 import subprocess
 import time
 import uuid
@@ -160,8 +159,8 @@ def test_image_facts():
     env = " ".join(config.get("Env", []))
     assert "PIP_" not in env.replace("PIP_NO_CACHE_DIR", "") and "host-ca" not in env
     listing = podman("run", "--rm", *LIMITS, "--user", "root", "--entrypoint", "sh", IMAGE, "-c",
-                     "ls -d /etc/pip.conf /run/host-ca.crt /root/.curlrc /root/.config/pip /opt/pypi /opt/pypi-more /opt/wheels "
-                     "/etc/xdg/pip /dev/host-build 2>/dev/null; true").stdout.split()
+                     "ls -d /etc/pip.conf /run/host-ca.crt /root/.curlrc /root/.config/pip /opt/pypi /opt/pypi-more "
+                     "/opt/wheels /etc/xdg/pip /dev/host-build 2>/dev/null; true").stdout.split()
     assert listing == [], f"build-time files left in the image: {listing}"
     # Test-only packages stay out of the image (the native editable install has them, for `make test`).
     found = podman("run", "--rm", *LIMITS, "--entrypoint", "python", IMAGE, "-c",

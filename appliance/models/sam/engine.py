@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from segment_anything.utils.transforms import ResizeLongestSide
 
-from .weights import MOBILE_SAM_SHA256, WeightsError, mobile_sam_path, verify_checkpoint
+from .weights import WeightsError, checkpoint_path
 
 MODEL_TYPES = ("vit_t", "vit_b", "vit_l", "vit_h")
 
@@ -94,11 +94,7 @@ class SamEngine:
                  sha256: str | None = None) -> None:
         if model_type not in MODEL_TYPES:
             raise ValueError(f"unknown SAM model type {model_type!r}; expected one of {', '.join(MODEL_TYPES)}")
-        if checkpoint is None:
-            if model_type != "vit_t":
-                raise WeightsError(f"SAM {model_type} needs a checkpoint: set APPLIANCE_SAM_CHECKPOINT to its path")
-            checkpoint, sha256 = mobile_sam_path(), sha256 or MOBILE_SAM_SHA256
-        self.checkpoint = verify_checkpoint(checkpoint, sha256)
+        self.checkpoint = checkpoint_path(model_type, checkpoint, sha256)
         self.model_type = model_type
         self.device = resolve_device(device)
         self.model = build_model(self.checkpoint, model_type, self.device)

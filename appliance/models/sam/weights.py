@@ -36,6 +36,16 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def checkpoint_path(model_type: str, checkpoint: Path | str | None = None, sha256: str | None = None) -> Path:
+    """The verified checkpoint every SAM user loads: ``checkpoint``, else MobileSAM's file for vit_t (the other
+    types need a path)."""
+    if checkpoint is None or checkpoint == "":
+        if model_type != "vit_t":
+            raise WeightsError(f"SAM {model_type} needs a checkpoint: set APPLIANCE_SAM_CHECKPOINT to its path")
+        checkpoint, sha256 = mobile_sam_path(), sha256 or MOBILE_SAM_SHA256
+    return verify_checkpoint(checkpoint, sha256)
+
+
 def verify_checkpoint(path: Path | str, sha256: str | None = None) -> Path:
     """Check the checkpoint exists (and matches ``sha256`` when given); return its resolved path.
 
@@ -98,4 +108,5 @@ def _sam_type(state: dict) -> str:
     proj = state.get("image_encoder.patch_embed.proj.weight")
     if proj is None:
         return "vit_t"  # MobileSAM's TinyViT embeds patches with convolutions (patch_embed.seq)
-    return next((name for name, width in VIT_WIDTH.items() if width == proj.shape[0]), f"a ViT of width {proj.shape[0]}")
+    unknown = f"a ViT of width {proj.shape[0]}"
+    return next((name for name, width in VIT_WIDTH.items() if width == proj.shape[0]), unknown)

@@ -6,15 +6,14 @@ import functools
 import logging
 import threading
 import weakref
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from appliance.models.sam.engine import build_model, encoder_input
-from appliance.models.sam.onnx_encoder import INSTALLED_DIR, OnnxEncoder, cache_path
-from appliance.models.sam.weights import MOBILE_SAM_SHA256, mobile_sam_path, verify_checkpoint
+from appliance.models.sam.onnx_encoder import OnnxEncoder, load_or_export
+from appliance.models.sam.weights import checkpoint_path
 
 log = logging.getLogger("samdet")
 
@@ -24,25 +23,18 @@ _lock = threading.Lock()
 _onnx: weakref.WeakKeyDictionary[torch.nn.Module, OnnxEncoder] = weakref.WeakKeyDictionary()
 
 
-def checkpoint_path(model_type: str, checkpoint: str | None) -> Path:
-    if checkpoint:
-        return verify_checkpoint(checkpoint)
-    if model_type != "vit_t":
-        raise ValueError(f"SAM {model_type} needs a checkpoint path")
-    return verify_checkpoint(mobile_sam_path(), MOBILE_SAM_SHA256)
-
-
 @functools.lru_cache(maxsize=2)
 def _load(model_type: str, checkpoint: str | None) -> torch.nn.Module:
     path = checkpoint_path(model_type, checkpoint)
     model = build_model(path, model_type, torch.device("cpu"))
     model.requires_grad_(False)
-    export = cache_path(INSTALLED_DIR, path, model_type)
-    if export.is_file():
-        try:
-            _onnx[model] = OnnxEncoder(export, torch.get_num_threads())
-        except Exception as error:  # PyTorch's encoder gives the same features
-            log.warning("SAM encoder stays on PyTorch: %s", str(error).splitlines()[0] if str(error) else error)
+    try:  # the install's export when there is one (the same features as PyTorch's encoder, faster on a CPU)
+        _onnx[model] = load_or_export(model.image_encoder, model.image_encoder.img_size, path, model_type, None,
+                                      torch.get_num_threads())
+    except FileNotFoundError:
+        pass
+    except Exception as error:  # PyTorch's encoder gives the same features
+        log.warning("SAM encoder stays on PyTorch: %s", str(error).splitlines()[0] if str(error) else error)
     return model.eval()
 
 
