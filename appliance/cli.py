@@ -123,7 +123,11 @@ def _predict(args) -> None:
         raise SystemExit(f"error: {error}") from None
     print(f"{summary.predicted} task(s) pre-annotated with {summary.version} in {summary.seconds:.1f} s "
           f"({summary.tasks_per_second:.2f}/s); {summary.skipped} already had it; {len(summary.failed)} failed")
-    for line in summary.failed[:20]:
+    _print_failed(summary.failed)
+
+
+def _print_failed(failed: list[str], most: int = 20) -> None:
+    for line in failed[:most]:
         print(f"  failed: {line}")
 
 
@@ -209,8 +213,7 @@ def _export(args) -> None:
         raise SystemExit(f"error: {error}") from None
     print(f"exported {summary.images} image(s), {summary.objects} object(s) of {summary.source} as {summary.format} "
           f"to {summary.output} in {summary.seconds:.1f} s; {len(summary.failed)} failed")
-    for line in summary.failed[:20]:
-        print(f"  failed: {line}")
+    _print_failed(summary.failed)
 
 
 def _build_template(args) -> None:

@@ -140,6 +140,31 @@ def test_yolo_seg_polygons_redraw_the_masks(project, tmp_path):
     assert np.mean(ious) >= 0.9 and min(ious) >= 0.5, (np.mean(ious), min(ious))
 
 
+def test_predictions_only_with_predictions_and_the_other_tasks_never_break_the_export(project, tmp_path):
+    """A task holding only a prediction is exported with --with-predictions (its masks as predicted), left out by
+    default; the project's other tasks (the hostile-input tests' images and predictions) fail nothing."""
+    app, tasks, label = project
+    project_id = app.state()["project_id"]
+    path, masks = real_photos()[-1]
+    with path.open("rb") as handle:
+        app.api("POST", f"/api/projects/{project_id}/import",
+                files={"file": (f"predicted-{path.name}", handle)}).raise_for_status()
+    task_id = uploaded_task(app, project_id, f"predicted-{path.name}")
+    try:
+        app.api("POST", "/api/predictions", json={"task": task_id, "model_version": "test", "score": 0.9,
+                                                  "result": [brush(m, label) for m in masks[:3]]}).raise_for_status()
+        for flag, expected in (("--only-submitted", 0), ("--with-predictions", 3)):
+            done = app.cli("export", "--format", "coco", "--output", str(tmp_path / flag), flag)
+            assert done.returncode == 0 and "0 failed" in done.stdout, done.stdout + done.stderr
+            with contextlib.redirect_stdout(io.StringIO()):
+                coco = COCO(str(tmp_path / flag / "annotations.json"))
+            exported = [coco.annToMask(a).astype(bool) for a in coco.loadAnns(coco.getAnnIds(imgIds=task_id))]
+            assert len(exported) == expected and all((a == b).all() for a, b in zip(masks, exported))
+            assert set(tasks) <= set(coco.imgs)
+    finally:
+        app.api("DELETE", f"/api/tasks/{task_id}")
+
+
 def test_mask_pngs_hold_instance_and_class_ids(project, tmp_path):
     app, tasks, _ = project
     done = app.cli("export", "--format", "masks", "--output", str(tmp_path / "png"))

@@ -120,10 +120,14 @@ def _project_items(settings: Settings, with_predictions: bool, fetcher, keep_tas
     def size_of(url: str, task_id: int) -> tuple[int, int]:
         return _decoded(fetcher.fetch(url, task_id)).size
 
+    def predictions_of(task_id: int) -> list[dict]:
+        return studio.get("/api/predictions", "reading a task's predictions", params={"task": task_id})
+
     def items():
         for task in source.studio_tasks(studio, project_id):
             try:
-                item = source.item_of(task, labels, spec.image_key, with_predictions, size_of, keep_tasks)
+                item = source.item_of(task, labels, spec.image_key, predictions_of if with_predictions else None,
+                                      size_of, keep_tasks)
             except Exception as error:  # noqa: BLE001 - a task that cannot be read is reported, not fatal
                 yield f"task {task.get('id')}: {_first_line(error)}"
                 continue

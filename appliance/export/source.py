@@ -70,23 +70,26 @@ def frame_size(result: list[dict]) -> tuple[int, int] | None:
     return None
 
 
-def labelled(task: dict, with_predictions: bool) -> tuple[str, dict] | None:
-    """("annotation", the annotation) or, with_predictions, ("prediction", the newest prediction); None: skip."""
+def labelled(task: dict, predictions_of=None) -> tuple[str, dict] | None:
+    """("annotation", the annotation) or, given ``predictions_of(task_id)`` (the task's predictions: Label
+    Studio's export lists only their ids), ("prediction", the newest prediction); None: nothing to export."""
     annotation = choose_annotation(task)
     if annotation is not None:
         return "annotation", annotation
-    predictions = [p for p in task.get("predictions") or [] if p.get("result")]
-    if with_predictions and predictions:
+    if predictions_of is None or not task.get("predictions"):
+        return None
+    predictions = [p for p in predictions_of(int(task["id"])) if isinstance(p, dict) and p.get("result")]
+    if predictions:
         return "prediction", max(predictions, key=lambda p: (str(p.get("created_at") or ""), p.get("id") or 0))
     return None
 
 
-def item_of(task: dict, labels: list[str], image_key: str, with_predictions: bool,
+def item_of(task: dict, labels: list[str], image_key: str, predictions_of=None,
             size_of=None, keep_task: bool = False) -> Item | None:
     """The Item of one Label Studio task; ``size_of(url, task_id)`` gives (w, h) when no region says."""
     from appliance.backends.labeling import image_url
 
-    chosen = labelled(task, with_predictions)
+    chosen = labelled(task, predictions_of)
     if chosen is None:
         return None
     source, annotation = chosen
