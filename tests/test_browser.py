@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import requests
 from label_studio_sdk.converter.brush import decode_rle
+from playwright.sync_api import Error as PlaywrightError
 
 from harness import Appliance, appliance_env
 from synthetic import make_dataset
@@ -188,15 +189,8 @@ def test_the_annotators_path_wastes_no_click(studio, serving_version, browser, a
     page.locator(".lsf-bottombar button[aria-label=Settings], button[aria-label=Settings]").last.click()
     title = page.get_by_text("Labeling Interface Settings").first
     title.wait_for(timeout=30000)
-    keep = page.get_by_text("Keep label selected after creating a region").locator(
-        "xpath=ancestor::*[.//input][1]").locator("input").first
-    stored = "JSON.parse(localStorage.getItem('labelStudio:settings') || '{}').continuousLabeling === true"
-    deadline = time.time() + 60
-    while not page.evaluate(stored):  # under load a click while the dialog still renders can be lost: click again
-        assert time.time() < deadline, "the setting 'Keep label selected' was not stored"
-        if not keep.is_checked():
-            keep.click(force=True)
-        page.wait_for_timeout(1000)
+    switch_on(page, "Keep label selected after creating a region",
+              "JSON.parse(localStorage.getItem('labelStudio:settings') || '{}').continuousLabeling === true")
     close_modal(page)
     page.screenshot(path=str(artifacts / "browser-2-settings-stored.png"))
 
@@ -245,6 +239,26 @@ def close_modal(page) -> None:
     page.wait_for_function("() => ![...document.querySelectorAll('[class*=modal-ls], .ant-modal-wrap')]"
                            ".some(e => e.offsetParent !== null && getComputedStyle(e).display !== 'none')",
                            timeout=30000)
+
+
+def switch_on(page, text: str, stored: str) -> None:
+    """Turn on the settings toggle labelled ``text`` until ``stored`` holds in the browser. Under load the dialog
+    re-renders while it opens: a click can be lost, or land while the toggle is momentarily detached or hidden
+    (Playwright then raises); each try is made again until the deadline."""
+    label = page.get_by_text(text).first
+    toggle = label.locator("xpath=ancestor::*[.//input][1]").locator("input").first
+    deadline = time.time() + 60
+    while not page.evaluate(stored):
+        assert time.time() < deadline, f"the setting {text!r} was not stored"
+        try:
+            if not toggle.is_checked(timeout=5000):
+                toggle.click(force=True, timeout=5000)
+        except PlaywrightError:
+            try:
+                label.click(timeout=5000)  # the text is the toggle's label: clicking it flips the toggle too
+            except PlaywrightError:
+                pass
+        page.wait_for_timeout(1000)
 
 
 def wait_stored(page, condition: str, what: str) -> None:
