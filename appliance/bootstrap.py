@@ -16,8 +16,9 @@ from typing import Any
 
 from label_studio_sdk.client import LabelStudio
 
-from appliance import gcs_bootstrap, studio, studio_api, template
-from appliance import state as app_state
+from appliance import gcs_bootstrap, studio, template
+from appliance.labelstudio import client as studio_api
+from appliance.labelstudio import state as app_state
 from appliance.settings import Settings
 from appliance.shared.lock import bootstrap_turn
 

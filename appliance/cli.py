@@ -55,10 +55,10 @@ def _trainer(args) -> None:
 
 def _train(args) -> None:
     from appliance import runtime
-    from appliance.trainer import service
+    from appliance.shared.run_requests import request_run
 
     settings = runtime.load()
-    service.request_run(settings, "manual (appliance train)")
+    request_run(settings, "manual (appliance train)")
     print("training requested: the trainer starts within seconds; follow it with `appliance status`")
 
 
@@ -114,7 +114,8 @@ def _version_figures(metrics: dict) -> str:
 
 
 def _predict(args) -> None:
-    from appliance import bulk_predict, runtime
+    from appliance import runtime
+    from appliance.labelstudio import bulk_predict
 
     settings = runtime.load()
     try:
@@ -204,7 +205,7 @@ def _export(args) -> None:
     from appliance.export.run import export
     from appliance.export.source import ExportError
     from appliance.gcs import GcsError
-    from appliance.studio_api import StudioError
+    from appliance.labelstudio.client import StudioError
 
     try:
         summary = export(runtime.load(), args.format, args.output, version=args.version,

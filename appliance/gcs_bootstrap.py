@@ -13,7 +13,7 @@ from typing import Any
 
 from label_studio_sdk.client import LabelStudio
 
-from appliance import studio_api
+from appliance.labelstudio import client as studio_api
 from appliance.settings import Settings
 
 log = logging.getLogger("bootstrap.gcs")

@@ -18,8 +18,8 @@ from urllib.parse import urlsplit
 
 import requests
 
-from appliance import state as app_state
-from appliance import studio_api
+from appliance.labelstudio import state as app_state
+from appliance.labelstudio import client as studio_api
 from appliance.settings import Settings
 
 IMAGE_KEYS = ("image", "image_uri")

@@ -20,6 +20,8 @@ from pydantic import (AliasChoices, Field, SecretStr, ValidationError, Validatio
                       model_validator)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from appliance.models.detection import PRETRAINED_ARCH  # APPLIANCE_DETECTOR_WEIGHTS' architecture
+
 ROLES = ("studio", "sam", "predict", "train")
 PORT_ROLES = (("port", "studio"), ("sam_port", "sam"), ("predict_port", "predict"))
 GCS_IMAGE_REGEX = r"(?i).*\.(jpe?g|png|bmp|gif|tiff?|webp)$"
@@ -67,10 +69,6 @@ def check_email(email: str) -> str:
 
 def _env(*names: str) -> AliasChoices:
     return AliasChoices(*names)
-
-
-# The architecture of APPLIANCE_DETECTOR_WEIGHTS (MMDetection's RTMDet-Ins-tiny COCO checkpoint).
-PRETRAINED_ARCH = "rtmdet-ins-tiny"
 
 
 class Settings(BaseSettings):

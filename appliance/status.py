@@ -9,8 +9,8 @@ from typing import Any
 import requests
 from supervisor.xmlrpc import SupervisorTransport
 
-from appliance import state as app_state
-from appliance import studio_api
+from appliance.labelstudio import state as app_state
+from appliance.labelstudio import client as studio_api
 from appliance.settings import Settings
 
 

@@ -44,7 +44,7 @@ import requests  # noqa: E402
 from harness import Appliance, appliance_env  # noqa: E402
 from synthetic import make_dataset, make_image  # noqa: E402
 
-from appliance.backends.images import decode_image  # noqa: E402
+from appliance.labelstudio.images import decode_image  # noqa: E402
 
 CLASSES = ["circle", "rectangle"]
 SUMMARY = re.compile(r"(\d+) task\(s\) pre-annotated with (\S+) in ([\d.]+) s \(([\d.]+)/s\); (\d+) already had it; "

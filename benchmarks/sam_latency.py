@@ -43,7 +43,7 @@ import requests  # noqa: E402
 from harness import Appliance, appliance_env  # noqa: E402
 from sam_engine import measure_decoder, measure_encoder, p50_p95  # noqa: E402
 
-from appliance.backends.images import decode_image  # noqa: E402
+from appliance.labelstudio.images import decode_image  # noqa: E402
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left")
 LABEL = "Person"

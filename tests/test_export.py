@@ -20,7 +20,7 @@ import yaml
 from PIL import Image
 from pycocotools.coco import COCO
 
-from appliance.backends import labeling
+from appliance.labelstudio import labeling
 from appliance.export.polygons import rasterise
 from appliance.models.registry import ModelRegistry
 from appliance.models.sam.masks import mask_to_brush_rle
@@ -196,7 +196,7 @@ def test_version_export_is_the_snapshot_even_after_edits(project, tmp_path):
     """A version carries the dataset it was built from: edit one annotation and delete another afterwards, and
     `--version` still gives the set as it was trained on, split included."""
     app, tasks, label = project
-    from appliance.backends.images import ImageFetcher
+    from appliance.labelstudio.images import ImageFetcher
     from appliance.secrets import ensure_secrets
     from appliance.settings import load_settings
 

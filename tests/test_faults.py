@@ -19,7 +19,7 @@ import pytest
 import requests
 from PIL import Image
 
-from appliance.backends.url_memo import UrlMemo
+from appliance.labelstudio.url_memo import UrlMemo
 from appliance.settings import ConfigError, load_settings
 from harness import ROOT, appliance_env
 

@@ -239,7 +239,7 @@ def test_a_versions_dataset_lands_in_the_target_bucket_whole_or_not_at_all(app, 
     see no dataset); the next try completes it, and its masks are those annotated."""
     from pycocotools import mask as mask_utils
 
-    from appliance.backends.images import ImageFetcher
+    from appliance.labelstudio.images import ImageFetcher
     from appliance.export.run import publish_dataset
     from appliance.models.registry import ModelRegistry
     from appliance.trainer.build import Datasets, keep_snapshot
@@ -306,8 +306,8 @@ def test_presign_endpoint_redirects_to_a_signed_emulator_url(app, emulator):
 
 
 def test_image_fetcher_and_prediction_backend_fetch_gs_images(app):
-    from appliance.backends import labeling
-    from appliance.backends.images import ImageError, ImageFetcher, decode_image
+    from appliance.labelstudio import labeling
+    from appliance.labelstudio.images import ImageError, ImageFetcher, decode_image
     from appliance.backends.predict import PredictBackend
 
     uri = f"gs://{SOURCE}/images/chelsea.jpg"

@@ -24,7 +24,7 @@ import torch
 from label_studio_sdk.converter.brush import decode_rle
 from PIL import Image
 
-from appliance.backends.images import ImageError, ImageFetcher, decode_image
+from appliance.labelstudio.images import ImageError, ImageFetcher, decode_image
 from appliance.models.sam import weights
 from appliance.models.sam.cache import EmbeddingCache, content_key
 from appliance.models.sam.engine import Embedding, PromptError, SamEngine

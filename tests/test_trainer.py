@@ -192,7 +192,7 @@ def test_pretrained_weights_are_fine_tuned_through_the_label_map(tmp_path, shape
     mapped by APPLIANCE_LABEL_MAP or by name carry their head rows over; the rest of the network loads as is."""
     import torch
 
-    from appliance.backends.labeling import parse
+    from appliance.labelstudio.labeling import parse
     from appliance.models.detection.train import train
     from appliance.trainer import init
     from random_model import random_model

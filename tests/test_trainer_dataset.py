@@ -17,9 +17,9 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from appliance.backends.images import ImageError
-from appliance.trainer.dataset import (annotation_objects, build_dataset, choose_annotation, dataset_fingerprint,
-                                       split_of)
+from appliance.labelstudio.images import ImageError
+from appliance.labelstudio.regions import annotation_objects, choose_annotation
+from appliance.trainer.dataset import build_dataset, dataset_fingerprint, split_of
 
 LABELS = ["Person", "Animal", "Vehicle"]
 W, H = 80, 60

@@ -8,7 +8,8 @@ import threading
 from appliance.models.registry import ModelRegistry
 from appliance.settings import load_settings
 from appliance.trainer.build import DatasetError
-from appliance.trainer.service import Trainer, request_run, training_lock
+from appliance.shared.run_requests import request_run
+from appliance.trainer.service import Trainer, training_lock
 from random_model import random_model
 from synthetic import make_dataset
 from test_trainer import LABELS, synthetic_build

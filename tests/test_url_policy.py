@@ -12,8 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from appliance.backends.images import ImageError, ImageFetcher
-from appliance.backends.url_policy import UrlPolicy, UrlRefused, origin
+from appliance.labelstudio.images import ImageError, ImageFetcher
+from appliance.labelstudio.url_policy import UrlPolicy, UrlRefused, origin
 
 TOKEN = "tok-0123456789abcdef"
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 32

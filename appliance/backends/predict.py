@@ -14,11 +14,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from appliance.backends import labeling, serve
+from appliance.backends import serve
+from appliance.labelstudio import labeling
 from appliance.backends.hotswap import ModelSlot
-from appliance.backends.images import ImageError, ImageFetcher, decode_image
-from appliance.backends.label_map import LabelMapper, parse_label_map
-from appliance.backends.labeling import LabelingError, LabelingSpec
+from appliance.labelstudio.images import ImageError, ImageFetcher, decode_image
+from appliance.labelstudio.label_map import LabelMapper, parse_label_map
+from appliance.labelstudio.labeling import LabelingError, LabelingSpec
 from appliance.backends.protocol import Backend, PredictRequest, SetupRequest
 from appliance.settings import Settings
 
@@ -45,7 +46,10 @@ class PredictBackend(Backend):
 
     def _load(self, version):
         from appliance.models.detection.model import Detector
+        from appliance.models.sam.store import use_remote_tier
+        from appliance.shared.embeddings import shared_embeddings
 
+        use_remote_tier(lambda: shared_embeddings(self.settings))  # sam-det's store: the machines' shared tier
         store = self.settings.embeddings_dir if self.settings.embedding_store_mb > 0 else None
         self.metrics[version.version] = version.metrics or {}
         # The thresholds the trainer chose for this version (least annotator cost on held-out); the setting for
@@ -108,7 +112,7 @@ class PredictBackend(Backend):
 
     def on_event(self, event: str, payload: dict) -> None:
         if event == "START_TRAINING":  # Label Studio's "Start training" button: the trainer does the work
-            from appliance.trainer.service import request_run
+            from appliance.shared.run_requests import request_run
 
             request_run(self.settings, "Label Studio: Start training")
 

@@ -13,8 +13,8 @@ import threading
 from collections import OrderedDict, deque
 from typing import Callable
 
-from appliance import studio_api
-from appliance.backends import labeling
+from appliance.labelstudio import client as studio_api
+from appliance.labelstudio import labeling
 from appliance.settings import Settings
 
 log = logging.getLogger("sam.prefetch")

@@ -18,13 +18,14 @@ import time
 import cv2
 import numpy as np
 
-from appliance.backends import labeling, serve
-from appliance.backends.images import ImageError, ImageFetcher, decode_image
-from appliance.backends.labeling import LabelingError
+from appliance.backends import serve
+from appliance.labelstudio import labeling
+from appliance.labelstudio.images import ImageError, ImageFetcher, decode_image
+from appliance.labelstudio.labeling import LabelingError
 from appliance.backends.prefetch import Prefetcher
 from appliance.backends.prompts import Prompts, select_prompts
 from appliance.backends.protocol import Backend, BadRequest, PredictRequest, SetupRequest
-from appliance.backends.url_memo import UrlMemo
+from appliance.labelstudio.url_memo import UrlMemo
 from appliance.models.sam.cache import EmbeddingCache, content_key
 from appliance.models.sam.engine import Embedding, PromptError, SamEngine
 from appliance.models.sam.masks import brush_rle_to_mask

@@ -99,22 +99,24 @@ def _check_empty(folder: Path) -> None:
 
 
 def _fetcher(settings: Settings):
-    from appliance.backends.images import ImageFetcher
+    from appliance.labelstudio.images import ImageFetcher
 
     return ImageFetcher.from_settings(settings)
 
 
 def _project_items(settings: Settings, with_predictions: bool, fetcher, keep_tasks: bool):
-    from appliance import state, studio_api
-    from appliance.backends import labeling
-    from appliance.trainer.build import model_labels
+    from appliance.labelstudio import client as studio_api
+    from appliance.labelstudio import labeling, state
 
     project_id = state.project_id(settings)
     if not project_id:
         raise ExportError("the project does not exist yet: start the appliance (`appliance up`) first")
     studio = studio_api.Studio(settings, timeout=120)
     spec = labeling.parse(studio.label_config(project_id))
-    labels = model_labels(spec)
+    try:
+        labels = labeling.model_labels(spec)
+    except labeling.LabelingError as error:
+        raise ExportError(str(error)) from error
     total = studio.project(project_id).get("task_number")
 
     def size_of(url: str, task_id: int) -> tuple[int, int]:

@@ -3,7 +3,7 @@
 From Label Studio the tasks are read page by page (ids from the task list with ``review=true``, which never asks
 the ML backends for predictions; the tasks themselves from the project export endpoint for those ids), so a
 project of 50 000 tasks never sits in memory at once. Regions become objects exactly as the trainer reads them
-(appliance.trainer.dataset.annotation_objects): brush masks pixel for pixel, polygons rasterised, boxes as filled
+(appliance.labelstudio.regions.annotation_objects): brush masks pixel for pixel, polygons rasterised, boxes as filled
 rectangles, a SAM prompt box dropped where it covers its own mask.
 
 From a model version: the COCO files its training run wrote (``<version>/dataset-{train,holdout}.json``), each
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from appliance.trainer.dataset import annotation_objects, choose_annotation
+from appliance.labelstudio.regions import annotation_objects, choose_annotation
 
 PAGE = 200
 SPLITS = ("train", "holdout")
@@ -87,7 +87,7 @@ def labelled(task: dict, predictions_of=None) -> tuple[str, dict] | None:
 def item_of(task: dict, labels: list[str], image_key: str, predictions_of=None,
             size_of=None, keep_task: bool = False) -> Item | None:
     """The Item of one Label Studio task; ``size_of(url, task_id)`` gives (w, h) when no region says."""
-    from appliance.backends.labeling import image_url
+    from appliance.labelstudio.labeling import image_url
 
     chosen = labelled(task, predictions_of)
     if chosen is None:

@@ -84,7 +84,7 @@ def shared_embeddings(settings: Settings) -> SharedEmbeddings | None:
 
 
 def from_environment() -> SharedEmbeddings | None:
-    """For code built from a model config (the training job, the predictor's pipeline): the process's settings."""
+    """The training job's tier (``models.sam.store.use_remote_tier``): the process's settings, from its environment."""
     if not os.environ.get("APPLIANCE_SHARED_STATE"):
         return None
     from appliance.settings import load_settings

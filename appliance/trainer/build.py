@@ -6,15 +6,13 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance import state as app_state
-from appliance import studio_api
-from appliance.backends import labeling
-from appliance.backends.images import ImageFetcher
+from appliance.labelstudio import state as app_state
+from appliance.labelstudio import client as studio_api
+from appliance.labelstudio import labeling
+from appliance.labelstudio.images import ImageFetcher
 from appliance.settings import Settings
 from appliance.trainer import journal
 from appliance.trainer.dataset import DatasetInfo, build_dataset, choose_holdout
-
-LABEL_TAGS = ("BrushLabels", "PolygonLabels", "RectangleLabels")
 
 
 class DatasetError(RuntimeError):
@@ -59,21 +57,13 @@ def project_spec(settings: Settings) -> labeling.LabelingSpec:
     return labeling.parse(studio_api.Studio(settings, timeout=30).label_config(project_id))
 
 
-def model_labels(spec: labeling.LabelingSpec) -> list[str]:
-    labels: list[str] = []
-    for tag in LABEL_TAGS:
-        for label in spec.labels.get(spec.controls.get(tag, ""), ()):
-            if label not in labels:
-                labels.append(label)
-    if not labels:
-        raise DatasetError("the template has no BrushLabels, PolygonLabels or RectangleLabels to learn")
-    return labels
-
-
 def build_datasets(settings: Settings, work: Path) -> Datasets:
     tasks = journal.read_tasks(settings.journal_dir)
     spec = project_spec(settings)
-    labels = model_labels(spec)
+    try:
+        labels = labeling.model_labels(spec)
+    except labeling.LabelingError as error:
+        raise DatasetError(str(error)) from error
     fetcher = ImageFetcher.from_settings(settings)
     holdout_ids = choose_holdout(tasks, settings.holdout_percent)
     common = dict(labels=labels, fetch=fetcher.fetch, holdout_percent=settings.holdout_percent,

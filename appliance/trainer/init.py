@@ -12,9 +12,10 @@ import json
 from pathlib import Path
 from typing import Callable
 
-from appliance.backends.label_map import LabelMapper, parse_label_map
-from appliance.backends.labeling import LabelingSpec
-from appliance.settings import PRETRAINED_ARCH, Settings
+from appliance.labelstudio.label_map import LabelMapper, parse_label_map
+from appliance.labelstudio.labeling import LabelingSpec
+from appliance.models.detection import PRETRAINED_ARCH
+from appliance.settings import Settings
 
 LabelOf = Callable[[str], "str | None"]
 

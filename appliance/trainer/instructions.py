@@ -14,7 +14,7 @@ import logging
 import threading
 from typing import Any
 
-from appliance import state as app_state
+from appliance.labelstudio import state as app_state
 from appliance.models.detection.cost import saving
 from appliance.settings import Settings
 
@@ -106,7 +106,7 @@ class InstructionsWriter:
 
     def refresh(self) -> bool:
         """Write the instructions if they changed; True when written. Label Studio being away is no error."""
-        from appliance.studio_api import Studio, StudioError
+        from appliance.labelstudio.client import Studio, StudioError
 
         project_id = app_state.project_id(self.settings)
         if not project_id:

@@ -26,13 +26,11 @@ def holdout_scores(args: TrainingJob) -> tuple[dict | None, dict | None]:
     from appliance.models.detection import holdout
     from appliance.models.detection.model import Detector
     from appliance.models.sam.engine import SamEngine
-    from appliance.models.sam.store import EmbeddingStore
-
-    from appliance.shared.embeddings import from_environment  # the machines' shared tier, when set
+    from appliance.models.sam.store import EmbeddingStore, remote_tier
 
     # The store sam-det's pipeline uses (with the shared tier): an embedding encoded here is every machine's.
     store = EmbeddingStore(args.embeddings, args.embeddings_mb * 1024 * 1024, args.sam_model_type,
-                           remote=from_environment()) if args.embeddings and args.embeddings_mb > 0 else None
+                           remote=remote_tier()) if args.embeddings and args.embeddings_mb > 0 else None
     if not holdout.has_photos(args.holdout):
         return None, None
     engine = SamEngine(args.sam_checkpoint, args.sam_model_type, args.device)
@@ -74,6 +72,11 @@ def main(argv: list[str] | None = None) -> None:
     args = TrainingJob.read(Path((argv if argv is not None else sys.argv[1:])[0]))
 
     import torch
+
+    from appliance.models.sam.store import use_remote_tier
+    from appliance.shared.embeddings import from_environment
+
+    use_remote_tier(from_environment)  # the machines' shared embeddings, when set
 
     torch.set_num_threads(args.threads)
     img_size, batch_size = device_defaults(args.device, args.img_size, args.batch_size)

@@ -20,7 +20,7 @@ import threading
 import time
 from pathlib import Path
 
-from appliance import state as app_state
+from appliance.labelstudio import state as app_state
 from appliance.models.detection.configs import resolve_arch
 from appliance.supervise import die_with_parent
 from appliance.trainer import init, journal, policy
@@ -29,6 +29,7 @@ from appliance.trainer.spec import TrainingJob
 from appliance.trainer.status import StatusFile
 from appliance.settings import Settings
 from appliance.shared.lock import Hold, training_lock
+from appliance.shared.run_requests import requests_dir
 
 log = logging.getLogger("trainer")
 
@@ -38,15 +39,6 @@ STEP_RETRY_S = 30  # after an unexpected error in the loop itself
 
 class TrainingFailed(RuntimeError):
     pass
-
-
-def request_run(settings: Settings, reason: str) -> Path:
-    """Ask the trainer for a run (manual, or Label Studio's START_TRAINING). Picked up within seconds."""
-    folder = settings.trainer_dir / "requests"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{time.time():.6f}.json"
-    path.write_text(json.dumps({"reason": reason, "at": time.time()}))
-    return path
 
 
 class Trainer:
@@ -59,7 +51,7 @@ class Trainer:
         self.registry = open_registry(settings)
         self.status = StatusFile(settings.trainer_dir / "status.json")
         self.schedule = Schedule(settings.train_min_new, settings.train_quiet_seconds)
-        self.requests = settings.trainer_dir / "requests"
+        self.requests = requests_dir(settings)
         self.wake = threading.Event()
         self.timings: dict[str, float] = {}
         self.started_from: str | None = None  # the version serving when the current run began
@@ -317,7 +309,7 @@ class Trainer:
         log.info("run %s: re-predicted %s", outcome.get("run"), outcome["repredicted"])
 
     def _repredict(self, version: str) -> int | str:
-        from appliance import bulk_predict
+        from appliance.labelstudio import bulk_predict
 
         deadline = time.time() + 120
         backend = bulk_predict.Backend(self.settings)

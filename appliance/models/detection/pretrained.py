@@ -7,10 +7,10 @@ import tempfile
 from pathlib import Path
 
 from appliance import compat
+from appliance.models.detection import PRETRAINED_ARCH
 from appliance.models.detection.configs import AUTO, DEFAULT_ARCH, arch_spec, build_config
 from appliance.models.detection.model import Detector
 from appliance.models.registry import ModelRegistry
-from appliance.settings import PRETRAINED_ARCH
 
 # Pretrained MMDetection checkpoints are for bundled architectures; sam-det has none of its own.
 PRETRAINED_FALLBACK_ARCH = PRETRAINED_ARCH

@@ -10,7 +10,9 @@ image's bytes (``cache.content_key``) and the SAM model type (two SAM types give
   are deleted until the total fits. A file deleted under a reader is simply a miss.
 - Nothing here is authoritative: the folder is a cache, safe to delete at any time.
 - With ``remote`` (appliance.shared.embeddings, when the roles run on several machines) a miss is looked up there
-  before it counts, and every embedding written here is shared there too.
+  before it counts, and every embedding written here is shared there too. A store built from a model config (sam-det's
+  pipeline) takes the process's tier, which the process installs with ``use_remote_tier`` (the trainer's job, the
+  prediction backend): models never read settings or the environment themselves.
 """
 
 from __future__ import annotations
@@ -27,6 +29,18 @@ import numpy as np
 log = logging.getLogger("sam.store")
 
 _KEY = re.compile(r"^[A-Za-z0-9_.-]{8,128}$")
+_remote_tier = None  # () -> the process's shared tier or None; see use_remote_tier
+
+
+def use_remote_tier(factory) -> None:
+    """Install the process's shared tier for stores built from a model config: ``factory() -> tier or None``."""
+    global _remote_tier
+    _remote_tier = factory
+
+
+def remote_tier():
+    """The shared tier installed for this process (None when none is: one machine)."""
+    return _remote_tier() if _remote_tier is not None else None
 
 
 class EmbeddingStore:

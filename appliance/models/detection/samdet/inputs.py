@@ -9,7 +9,7 @@ from mmdet.registry import DATASETS, TRANSFORMS
 
 from appliance.models.detection.samdet.sam_parts import encode, input_size, load_sam
 from appliance.models.sam.cache import content_key
-from appliance.models.sam.store import EmbeddingStore
+from appliance.models.sam.store import EmbeddingStore, remote_tier
 
 
 @DATASETS.register_module()
@@ -37,9 +37,7 @@ class LoadSamEmbedding(BaseTransform):
         self.model_type, self.checkpoint = model_type, checkpoint
         self._store = None
         if store_dir and store_mb > 0:
-            from appliance.shared.embeddings import from_environment  # the machines' shared tier, when set
-
-            self._store = EmbeddingStore(store_dir, store_mb * 1024 * 1024, model_type, remote=from_environment())
+            self._store = EmbeddingStore(store_dir, store_mb * 1024 * 1024, model_type, remote=remote_tier())
 
     def transform(self, results: dict) -> dict:
         key = results.get("content_key")

@@ -100,6 +100,19 @@ def polygon_regions(spec: LabelingSpec, mask: np.ndarray, label: str, score: flo
 
 
 MASK_OUTPUTS = ("BrushLabels", "PolygonLabels")
+LEARNT_TAGS = ("BrushLabels", "PolygonLabels", "RectangleLabels")  # the regions a detector learns from
+
+
+def model_labels(spec: LabelingSpec) -> list[str]:
+    """The classes a detector learns: the labels of the template's brush, polygon and rectangle controls, in order."""
+    labels: list[str] = []
+    for tag in LEARNT_TAGS:
+        for label in spec.labels.get(spec.controls.get(tag, ""), ()):
+            if label not in labels:
+                labels.append(label)
+    if not labels:
+        raise LabelingError("the template has no BrushLabels, PolygonLabels or RectangleLabels to learn")
+    return labels
 
 
 def output_controls(spec: LabelingSpec) -> list[str]:

@@ -18,7 +18,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
-from appliance.backends.url_policy import UrlPolicy, UrlRefused
+from appliance.labelstudio.url_policy import UrlPolicy, UrlRefused
 
 # decode_image's max_pixels, checked from the header before any pixel is decoded, is the real limit. PIL's own
 # process-wide guard stays as a backstop for other callers, raised so that refusing a bomb here does not also

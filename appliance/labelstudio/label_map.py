@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from appliance.backends.labeling import LabelingSpec
+from appliance.labelstudio.labeling import LabelingSpec
 
 log = logging.getLogger("predict.labels")
 

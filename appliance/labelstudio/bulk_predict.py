@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import requests
 from tqdm import tqdm
 
-from appliance import state as app_state
-from appliance import studio_api
+from appliance.labelstudio import state as app_state
+from appliance.labelstudio import client as studio_api
 from appliance.settings import Settings
 
 log = logging.getLogger("predict.bulk")

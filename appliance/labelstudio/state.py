@@ -40,7 +40,7 @@ def project_id(settings: Settings) -> int | None:
 def _by_title(settings: Settings) -> int | None:
     import requests
 
-    from appliance.studio_api import Studio
+    from appliance.labelstudio.client import Studio
 
     try:
         projects = Studio(settings, timeout=10).get("/api/projects", "finding the project",
