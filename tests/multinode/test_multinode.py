@@ -169,9 +169,11 @@ def test_roles_on_separate_machines_share_one_database_and_one_bucket(nodes, inf
     dataset = status(winner)["dataset"]
     assert len(shared_objects(gcs, "embeddings")) >= dataset["train_images"] + dataset["holdout_images"] >= 12
 
-    # The backends node (another machine) serves what the trainer published, through the shared registry.
+    # The backends node (another machine) serves what the trainer published, through the shared registry; the
+    # version travels with the snapshot of the data it was trained on (`appliance export --version` on any machine).
+    files = ("classes.json", "config.py", "dataset-holdout.json", "dataset-train.json", "metrics.json", "weights.pth")
     assert shared_objects(gcs, "models") == ["site/models/current"] + sorted(
-        f"site/models/versions/{version}/{f}" for f in ("classes.json", "config.py", "metrics.json", "weights.pth"))
+        f"site/models/versions/{version}/{f}" for f in files)
     wait_for("the backends node to swap", lambda: (health(backends, "predict") or {}).get("model_version") == version,
              120)
     task = tasks[0]
