@@ -1,6 +1,7 @@
 """The one typed configuration of the appliance, read from environment variables once at start-up.
 
-No other module reads ``os.environ``: processes build a ``Settings`` with ``load_settings()`` and pass it down.
+Processes build a ``Settings`` with ``load_settings()`` and pass it down; elsewhere ``os.environ`` is only handed on to
+a child process (Label Studio's scripts, the training job) or read back there (``shared.embeddings.from_environment``).
 Every field has a default that serves the offline demo; secrets left unset are generated once and kept in
 ``<data dir>/secrets.env`` (see ``appliance.secrets``).
 """
