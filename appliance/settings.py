@@ -159,6 +159,10 @@ class Settings(BaseSettings):
         "auto", validation_alias=_env("APPLIANCE_SAM_ENCODER"),
         description="SAM image encoder on a CPU: auto runs it on ONNX Runtime (exported once per checkpoint into "
                     "<data>/cache/onnx; PyTorch meanwhile and if the export fails), torch keeps PyTorch.")
+    sam_encoder_threads: int = Field(
+        0, ge=0, le=256, validation_alias=_env("APPLIANCE_SAM_ENCODER_THREADS"),
+        description="Threads of SAM's image encoder on ONNX Runtime: 0 takes every core the process may use "
+                    "(a click on an image nobody prefetched waits for it).")
     sam_cache_mb: int = Field(256, ge=16, le=65536, validation_alias=_env("APPLIANCE_SAM_CACHE_MB"),
                               description="Memory for cached image embeddings (MobileSAM: 4 MB per image).")
     embedding_store_mb: int = Field(2048, ge=0, le=1048576, validation_alias=_env("APPLIANCE_EMBEDDING_STORE_MB"),
@@ -339,6 +343,10 @@ class Settings(BaseSettings):
         if value and (urlsplit(value).scheme not in ("http", "https") or not urlsplit(value).hostname):
             raise ValueError("must be the emulator's URL, e.g. http://127.0.0.1:4443")
         return value.rstrip("/")
+
+    @property
+    def encoder_threads(self) -> int:
+        return self.sam_encoder_threads or len(os.sched_getaffinity(0))
 
     @property
     def gcs_enabled(self) -> bool:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import base64
 import io
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -94,6 +96,46 @@ def test_a_click_on_another_object_starts_a_second_mask(engine, embedding):
     assert memory.stats()["misses"] == misses
 
 
+def test_a_click_on_the_missed_part_of_a_half_found_object_refines_it(engine):
+    """Issue 22's stuck refinement, on a real photo (coco-ccby photo_010, a large object): the first click finds a
+    sliver of it, the annotator's next click lands in the missed part, far from that sliver, where SAM's lone mask
+    does not touch it either. The click is within the object's reach (SAM's candidates for the first click), so it
+    refines the object as the bare predictor would, instead of starting a second mask that leaves the first stuck."""
+    import cv2
+    from pycocotools import mask as coco_mask
+
+    from appliance.models.sam.annotator import EngineClicks, interior, next_click
+    from appliance.models.sam.objects import NEAR_FRACTION, _near, _touches
+
+    folder = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco-ccby"
+    assert (folder / "annotations.json").is_file(), f"{folder} missing: the real-image sets live in ../shared/data"
+    coco = json.loads((folder / "annotations.json").read_text())
+    image = next(i for i in coco["images"] if i["file_name"] == "photo_010.jpg")
+    annotation = next(a for a in coco["annotations"] if a["id"] == 60 and a["image_id"] == image["id"])
+    segmentation = annotation["segmentation"]  # compressed RLE in this set
+    if not isinstance(segmentation, dict) or not isinstance(segmentation["counts"], str):
+        segmentation = coco_mask.merge(coco_mask.frPyObjects(segmentation, image["height"], image["width"]))
+    truth = coco_mask.decode(segmentation).astype(bool)
+    rgb = cv2.cvtColor(cv2.imread(str(folder / "images" / image["file_name"])), cv2.COLOR_BGR2RGB)
+    embedding = engine.embed(rgb)
+
+    first_point = interior(truth)[0]
+    segmenter = ObjectSegmenter(engine, EmbeddingCache(64 << 20))
+    first = segmenter.segment(embedding, "photo_010", [Click(first_point)])
+    assert len(first) == 1 and iou(first[0].mask, truth) < 0.1  # a sliver of the object
+    second_point, positive = next_click(truth, first[0].mask)
+    near = max(2, round(NEAR_FRACTION * max(rgb.shape[:2])))
+    alone, _ = engine.segment(embedding, [second_point], [1])
+    assert positive and not _near(first[0].mask, second_point, near) and not _touches(alone, first[0].mask, near)
+
+    both = segmenter.segment(embedding, "photo_010", [Click(first_point), Click(second_point)])
+    assert len(both) == 1, "the click on the missed part started a second object"
+    bare = EngineClicks(engine, embedding)
+    bare.segment([(first_point, True)])
+    expected = bare.segment([(first_point, True), (second_point, True)])
+    assert iou(both[0].mask, expected) > 0.99 and iou(both[0].mask, truth) > 0.9
+
+
 def person_seed() -> np.ndarray:
     """An almost-right pre-annotation of the astronaut: a rough mask of her head and shoulders (the helmet outside)."""
     seed = np.zeros((512, 512), bool)
@@ -159,11 +201,11 @@ def test_the_backend_refines_the_tasks_newest_prediction_of_the_clicked_label(sa
 
 
 def test_object_memory_is_bounded_and_a_lone_negative_click_is_refused(engine, embedding):
-    memory = EmbeddingCache(600 * 1024)  # room for two decodes (256 KB of logits each + the packed mask)
+    memory = EmbeddingCache(700 * 1024)  # room for two decodes (256 KB of logits each + the packed mask and reach)
     segmenter = ObjectSegmenter(engine, memory)
     for x in range(100, 400, 50):
         segmenter.segment(embedding, "astronaut", [Click((x, 300))])
-    assert len(memory) == 2 and memory.stats()["bytes"] <= 600 * 1024
+    assert len(memory) == 2 and memory.stats()["bytes"] <= 700 * 1024
     with pytest.raises(PromptError, match="only negative"):
         segmenter.segment(embedding, "astronaut", [Click(FACE, positive=False)])
 

@@ -79,7 +79,7 @@ class SamBackend(Backend):
         onnx = self.settings.sam_encoder == "auto" and engine.device.type == "cpu"
         if onnx:  # the install's export loads in a second: before any encode, so PyTorch's never allocates
             with contextlib.suppress(Exception):
-                engine.use_onnx(None, self.settings.torch_threads)
+                engine.use_onnx(None, self.settings.encoder_threads)
         self.engine = engine
         log.info("SAM %s loaded on %s (encoder: %s) in %.1f s", engine.model_type, engine.device, engine.encoder_name,
                  time.monotonic() - began)
@@ -91,7 +91,7 @@ class SamBackend(Backend):
         """Clicks are served with PyTorch's encoder until this checkpoint's export is ready; a failure keeps it."""
         began = time.monotonic()
         try:
-            engine.use_onnx(self.settings.onnx_dir, self.settings.torch_threads)
+            engine.use_onnx(self.settings.onnx_dir, self.settings.encoder_threads)
         except Exception as error:
             self.encoder_error = f"{type(error).__name__}: {error}".splitlines()[0]
             log.warning("SAM image encoder stays on PyTorch (ONNX Runtime unavailable: %s)", self.encoder_error)

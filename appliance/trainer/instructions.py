@@ -31,8 +31,8 @@ selected after creating a region</b>.</p>
 <li>Pick the <b>smart keypoint</b> tool (the sparkle pop-out in the toolbar, or <b>M</b>), press a label's key (1-9)
 and <b>click the object</b>: SAM draws its mask in a blink.</li>
 <li><b>Refine</b>: a click on a missed part adds it; an <b>alt-click</b> on a wrong part removes it.</li>
-<li><b>A second object</b>: click it. A click away from the pending mask starts a new mask; it is never glued to the
-first one.</li>
+<li><b>A second object</b>: click it; a click well away from the pending mask starts a new mask. Objects side by
+side: accept the pending mask first, then click the next one.</li>
 <li><b>Accept</b> the masks (the check mark beside "N suggestions"; with <i>Auto-Accept Suggestions</i> each click is
 one finished object), then <b>Submit</b>. Big or thin objects: drag a smart box around them (shift+1-9).</li>
 </ol>"""

@@ -48,6 +48,7 @@ class Decoded:
     mask: np.ndarray  # bool H x W of the original image
     score: float  # SAM's predicted IoU
     logits: torch.Tensor  # 1 x 1 x 256 x 256 low-resolution logits: the next click's mask_input
+    reach: np.ndarray | None = None  # a lone click's three candidates together (bool H x W): how far it may reach
 
 
 def resolve_device(device: str) -> torch.device:
@@ -169,10 +170,12 @@ class SamEngine:
                 sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=multimask)
             best = int(torch.argmax(iou[0]))
             chosen = low_res[:, best:best + 1]
-            # Upscale only the chosen mask: postprocessing is a large share of the per-click cost.
-            logits = model.postprocess_masks(chosen, embedding.input_size, embedding.original_size)
-            mask = (logits[0, 0] > model.mask_threshold).cpu().numpy()
-        return Decoded(mask, float(iou[0, best]), chosen.clone())
+            # Upscale only the chosen mask (and, for a lone click, its candidates' union): postprocessing is a large
+            # share of the per-click cost.
+            upscaled = chosen if not multimask else torch.cat([chosen, low_res.amax(1, keepdim=True)], 1)
+            logits = model.postprocess_masks(upscaled, embedding.input_size, embedding.original_size)
+            masks = (logits[0] > model.mask_threshold).cpu().numpy()
+        return Decoded(masks[0], float(iou[0, best]), chosen.clone(), masks[1] if multimask else None)
 
     def _prompt_tensors(self, embedding: Embedding, points: Sequence[Point], labels: Sequence[int],
                         box: Box | None) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:

@@ -5,9 +5,14 @@ on each click). They are split into objects, one mask each:
 
 - a box starts a new object;
 - a positive click on or near an object's mask (within ``near_px``) refines that object (the newest such object);
-- a positive click elsewhere refines the newest object only when what SAM segments at that point alone touches the
-  object's mask (a missed part of it); otherwise it starts a new object, so a second object is never glued to the
-  first one;
+- a positive click elsewhere refines an object when what SAM segments at that point alone touches the object's mask
+  (a missed part of it), or when it lies within the newest object's reach: the union of SAM's three candidate masks
+  for that object's first click (part, larger part, whole: where the object may extend), or its box when a box
+  started it. The annotator's next click on a half-found object lands in its missed part, which SAM's first mask
+  may not touch (a person's legs below a coat); such a click refines, so refinement never gets stuck;
+- otherwise the click starts a new object: a second object away from the first is never glued to it. Objects that
+  touch or lie within each other's reach are told apart explicitly: accept the pending masks (Label Studio then
+  drops its pending keypoints, so the next click starts afresh) or draw a box;
 - a negative click refines the newest object whose mask holds it, else the newest object;
 - an object whose mask became empty (negative clicks) takes the next click;
 - a positive click that starts an object on a pre-annotated mask of its label starts from it when SAM agrees
@@ -56,16 +61,25 @@ class Remembered:
     score: float
     logits: object  # torch.Tensor, 1 x 1 x 256 x 256
     nbytes: int
+    packed_reach: np.ndarray | None = None
 
     @classmethod
     def of(cls, decoded: Decoded) -> Remembered:
         packed = np.packbits(decoded.mask)
+        reach = None if decoded.reach is None else np.packbits(decoded.reach)
         return cls(packed, decoded.mask.shape, decoded.score, decoded.logits,
-                   packed.nbytes + decoded.logits.element_size() * decoded.logits.nelement())
+                   packed.nbytes + (0 if reach is None else reach.nbytes)
+                   + decoded.logits.element_size() * decoded.logits.nelement(), reach)
 
     def mask(self) -> np.ndarray:
+        return self._unpack(self.packed)
+
+    def reach(self) -> np.ndarray | None:
+        return None if self.packed_reach is None else self._unpack(self.packed_reach)
+
+    def _unpack(self, packed: np.ndarray) -> np.ndarray:
         size = self.shape[0] * self.shape[1]
-        return np.unpackbits(self.packed, count=size).reshape(self.shape).astype(bool)
+        return np.unpackbits(packed, count=size).reshape(self.shape).astype(bool)
 
 
 @dataclass
@@ -74,6 +88,13 @@ class SegmentedObject:
     mask: np.ndarray
     score: float
     logits: object
+    reach: np.ndarray | None = None  # where the object may extend (its first click's candidates); None: its box
+
+    def within_reach(self, point: Point, near: int) -> bool:
+        box = self.clicks[0].box
+        if box is not None:
+            return box[0] - near <= point[0] <= box[2] + near and box[1] - near <= point[1] <= box[3] + near
+        return self.reach is not None and _near(self.reach, point, near)
 
 
 class ObjectSegmenter:
@@ -97,7 +118,9 @@ class ObjectSegmenter:
                 objects.append(self._start(embedding, image_key, click, seeds))
             else:
                 index = objects.index(target)
-                objects[index] = self._decode(embedding, image_key, target.clicks + (click,), target)
+                refined = self._decode(embedding, image_key, target.clicks + (click,), target)
+                refined.reach = target.reach
+                objects[index] = refined
         return objects
 
     def _start(self, embedding: Embedding, image_key: str, click: Click, seeds) -> SegmentedObject:
@@ -121,7 +144,7 @@ class ObjectSegmenter:
         for obj in reversed(objects):
             if _touches(alone.mask, obj.mask, near):
                 return obj
-        return None
+        return objects[-1] if objects[-1].within_reach(click.point, near) else None
 
     def _decode(self, embedding: Embedding, image_key: str, clicks: tuple[Click, ...],
                 previous: SegmentedObject | None) -> SegmentedObject:
@@ -136,7 +159,7 @@ class ObjectSegmenter:
                                                     mask_input))
 
         remembered = self.memory.get_or_compute(key, compute)
-        return SegmentedObject(clicks, remembered.mask(), remembered.score, remembered.logits)
+        return SegmentedObject(clicks, remembered.mask(), remembered.score, remembered.logits, remembered.reach())
 
 
 def _near(mask: np.ndarray, point: Point, radius: int) -> bool:
