@@ -41,11 +41,11 @@ TEMPLATE = ('<View><Image name="image" value="$image" zoom="true"/>'
             '<BrushLabels name="mask" toName="image"><Label value="Nucleus"/></BrushLabels></View>')
 
 
-def truth() -> tuple[list[dict], dict[str, list[np.ndarray]]]:
+def truth(data: Path = DATA) -> tuple[list[dict], dict[str, list[np.ndarray]]]:
     from pycocotools.coco import COCO
 
     with contextlib.redirect_stdout(io.StringIO()):
-        coco = COCO(str(DATA / "annotations.json"))
+        coco = COCO(str(data / "annotations.json"))
     images = sorted(coco.imgs.values(), key=lambda i: i["file_name"])
     masks = {i["file_name"]: [coco.annToMask(a).astype(bool) for a in coco.loadAnns(coco.getAnnIds(imgIds=i["id"]))]
              for i in images}
@@ -61,13 +61,13 @@ def brush(mask: np.ndarray) -> dict:
             "value": {"format": "rle", "rle": mask_to_brush_rle(mask), "brushlabels": ["Nucleus"]}}
 
 
-def tasks_by_file(app: Appliance, expected: int, timeout: float = 120) -> dict[str, dict]:
+def tasks_by_file(app: Appliance, expected: int, timeout: float = 120, prefix: str = "nuclei_") -> dict[str, dict]:
     pid = app.state()["project_id"]
     deadline = time.time() + timeout
     while True:
         tasks = app.api("GET", f"/api/projects/{pid}/export",
                         params={"exportType": "JSON", "download_all_tasks": "true"}).json()
-        found = {t["data"]["image"].rsplit("/", 1)[-1]: t for t in tasks if "nuclei_" in t["data"]["image"]}
+        found = {t["data"]["image"].rsplit("/", 1)[-1]: t for t in tasks if prefix in t["data"]["image"]}
         if len(found) >= expected or time.time() > deadline:
             return found
         time.sleep(2)
