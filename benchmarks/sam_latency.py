@@ -307,6 +307,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--budget", type=float, default=130, help="seconds after which (c)/(d) stop early")
     parser.add_argument("--encoder", choices=("auto", "torch"), default="auto",
                         help="APPLIANCE_SAM_ENCODER: auto = ONNX Runtime on a CPU, torch = PyTorch")
+    parser.add_argument("--encoder-threads", type=int, default=0,
+                        help="APPLIANCE_SAM_ENCODER_THREADS: the ONNX encoder's threads, 0 = every core (the default)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary volume and the appliance log")
     args = parser.parse_args(argv)
     began = time.monotonic()
@@ -315,7 +317,8 @@ def main(argv: list[str] | None = None) -> None:
     notes: list[str] = []
     tmp = Path(tempfile.mkdtemp(prefix="sam-latency-"))
     app = Appliance(env=appliance_env(tmp / "data", APPLIANCE_TORCH_THREADS=str(args.threads),
-                                      APPLIANCE_SAM_PREFETCH=str(prefetch), APPLIANCE_SAM_ENCODER=args.encoder),
+                                      APPLIANCE_SAM_PREFETCH=str(prefetch), APPLIANCE_SAM_ENCODER=args.encoder,
+                                      APPLIANCE_SAM_ENCODER_THREADS=str(args.encoder_threads)),
                     log_path=tmp / "appliance.log")
     try:
         # The appliance imports the five sample photos (ids in import order); byte-variants of the same photos
@@ -323,7 +326,8 @@ def main(argv: list[str] | None = None) -> None:
         boot_s = app.start()
         sam = Sam(app)
         sam.wait_ready(args.encoder)
-        notes.append(f"SAM image encoder: {sam.health().get('encoder')} (APPLIANCE_SAM_ENCODER={args.encoder})")
+        notes.append(f"SAM image encoder: {sam.health().get('encoder')} (APPLIANCE_SAM_ENCODER={args.encoder}, "
+                     f"APPLIANCE_SAM_ENCODER_THREADS={args.encoder_threads})")
         write_variants(app.data_dir / "images", 5 * args.cycles + 5)
         boot = app.env | {"APPLIANCE_LOG_LEVEL": "WARNING"}
         sync = subprocess.run([sys.executable, "-m", "appliance", "bootstrap"], env=boot, cwd=ROOT,
