@@ -9,7 +9,7 @@ on each click). They are split into objects, one mask each:
   (a missed part of it), or when it lies within the newest object's reach: the union of SAM's three candidate masks
   for that object's first click (part, larger part, whole: where the object may extend), or its box when a box
   started it. The annotator's next click on a half-found object lands in its missed part, which SAM's first mask
-  may not touch (a person's legs below a coat); such a click refines, so refinement never gets stuck;
+  may not touch (a person's legs below a coat); such a click refines it instead of leaving it stuck;
 - otherwise the click starts a new object: a second object away from the first is never glued to it. Objects that
   touch or lie within each other's reach are told apart explicitly: accept the pending masks (Label Studio then
   drops its pending keypoints, so the next click starts afresh) or draw a box;
