@@ -255,7 +255,8 @@ def table(result: dict) -> str:
     bare, ours = result["bare"], result["appliance"]
     start = "a box, then clicks" if result["box"] else "clicks"
     lines = [f"{result['data']}: {bare['objects']} objects on {len(result['images'])} images, {start}, up to "
-             f"{result['max_clicks']} clicks; clicks the appliance answered with more than one mask: {result['splits']}", "",
+             f"{result['max_clicks']} clicks; clicks the appliance answered with more than one mask: "
+             f"{result['splits']}", "",
              "| system | mIoU@1 | mIoU@3 | NoC@85 | NoC@90 | stuck | click p50 ms | click p95 ms |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, row in (("bare SamPredictor", bare), ("previous appliance decoder (no mask_input, in-process)",
