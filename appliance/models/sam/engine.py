@@ -149,13 +149,14 @@ class SamEngine:
         return decoded.mask, decoded.score
 
     def decode(self, embedding: Embedding, points: Sequence[Point] = (), labels: Sequence[int] = (),
-               box: Box | None = None, mask_input: torch.Tensor | None = None) -> Decoded:
+               box: Box | None = None, mask_input: torch.Tensor | None = None, reach: bool = False) -> Decoded:
         """Decode one mask for the prompts, with its predicted IoU and low-resolution logits.
 
         Points are (x, y) pixels of the original image; labels 1 = positive, 0 = negative.
         A lone point is ambiguous, so SAM's three candidate masks are scored and the best returned;
         with more prompts a single mask is asked for (SAM's documented practice). ``mask_input`` is the
         object's previous ``Decoded.logits``: fed back on the next click, as SamPredictor's ``mask_input``.
+        ``reach`` asks, for a lone click, for the union of the three candidates too (``Decoded.reach``).
         """
         _check_prompts(embedding.original_size, points, labels, box)
         coords, point_labels, box_t = self._prompt_tensors(embedding, points, labels, box)
@@ -170,12 +171,13 @@ class SamEngine:
                 sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=multimask)
             best = int(torch.argmax(iou[0]))
             chosen = low_res[:, best:best + 1]
-            # Upscale only the chosen mask (and, for a lone click, its candidates' union): postprocessing is a large
-            # share of the per-click cost.
-            upscaled = chosen if not multimask else torch.cat([chosen, low_res.amax(1, keepdim=True)], 1)
+            # Upscale only the chosen mask (and the candidates' union when asked): postprocessing is a large share of
+            # the per-click cost.
+            with_reach = reach and multimask
+            upscaled = torch.cat([chosen, low_res.amax(1, keepdim=True)], 1) if with_reach else chosen
             logits = model.postprocess_masks(upscaled, embedding.input_size, embedding.original_size)
             masks = (logits[0] > model.mask_threshold).cpu().numpy()
-        return Decoded(masks[0], float(iou[0, best]), chosen.clone(), masks[1] if multimask else None)
+        return Decoded(masks[0], float(iou[0, best]), chosen.clone(), masks[1] if with_reach else None)
 
     def _prompt_tensors(self, embedding: Embedding, points: Sequence[Point], labels: Sequence[int],
                         box: Box | None) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:

@@ -74,12 +74,8 @@ class Remembered:
     def mask(self) -> np.ndarray:
         return self._unpack(self.packed)
 
-    def reach(self) -> np.ndarray | None:
-        return None if self.packed_reach is None else self._unpack(self.packed_reach)
-
     def _unpack(self, packed: np.ndarray) -> np.ndarray:
-        size = self.shape[0] * self.shape[1]
-        return np.unpackbits(packed, count=size).reshape(self.shape).astype(bool)
+        return _unpack(packed, self.shape)
 
 
 @dataclass
@@ -88,13 +84,13 @@ class SegmentedObject:
     mask: np.ndarray
     score: float
     logits: object
-    reach: np.ndarray | None = None  # where the object may extend (its first click's candidates); None: its box
+    packed_reach: np.ndarray | None = None  # where it may extend (its first click's candidates, packed); None: box
 
     def within_reach(self, point: Point, near: int) -> bool:
         box = self.clicks[0].box
         if box is not None:
             return box[0] - near <= point[0] <= box[2] + near and box[1] - near <= point[1] <= box[3] + near
-        return self.reach is not None and _near(self.reach, point, near)
+        return self.packed_reach is not None and _near(_unpack(self.packed_reach, self.mask.shape), point, near)
 
 
 class ObjectSegmenter:
@@ -119,7 +115,7 @@ class ObjectSegmenter:
             else:
                 index = objects.index(target)
                 refined = self._decode(embedding, image_key, target.clicks + (click,), target)
-                refined.reach = target.reach
+                refined.packed_reach = target.packed_reach
                 objects[index] = refined
         return objects
 
@@ -156,10 +152,14 @@ class ObjectSegmenter:
             boxes = [c.box for c in clicks if c.box is not None]
             mask_input = previous.logits if previous is not None else None
             return Remembered.of(self.engine.decode(embedding, points, labels, boxes[-1] if boxes else None,
-                                                    mask_input))
+                                                    mask_input, reach=True))
 
         remembered = self.memory.get_or_compute(key, compute)
-        return SegmentedObject(clicks, remembered.mask(), remembered.score, remembered.logits, remembered.reach())
+        return SegmentedObject(clicks, remembered.mask(), remembered.score, remembered.logits, remembered.packed_reach)
+
+
+def _unpack(packed: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    return np.unpackbits(packed, count=shape[0] * shape[1]).reshape(shape).astype(bool)
 
 
 def _near(mask: np.ndarray, point: Point, radius: int) -> bool:
