@@ -165,7 +165,7 @@ def _credentials(args) -> None:
     print(f"url:      http://localhost:{settings.port}\nlogin:    {settings.username}\n"
           f"password: {settings.secret('password')}\napi key:  {settings.secret('api_key')}")
     stored = read_secrets_file(settings.secrets_file)
-    for email in settings.annotator_list:
+    for email in settings.annotators:
         if SECRET_PREFIX + email in stored:
             print(f"annotator {email}: password {stored[SECRET_PREFIX + email]}")
 
@@ -237,12 +237,9 @@ def _restore(args) -> None:
 
 
 def _config(args) -> None:
-    from appliance.settings import Settings, env_name, is_secret
+    from appliance.settings import env_table
 
-    print("| Variable | Default | Meaning |\n| --- | --- | --- |")
-    for name, field in Settings.model_fields.items():
-        default = "generated" if is_secret(name) else ("" if field.default is None else field.default)
-        print(f"| `{env_name(name)}` | `{default}` | {field.description} |")
+    print(env_table())
 
 
 def parser() -> argparse.ArgumentParser:

@@ -29,7 +29,7 @@ def say(message: str) -> None:
 
 def check_template(settings: Settings) -> None:
     """A wrong template stops start-up here, instead of a bootstrap that fails after everything started."""
-    if "studio" in settings.role_list:
+    if "studio" in settings.roles:
         try:
             template.label_config(settings)
         except template.TemplateError as error:
@@ -85,7 +85,7 @@ def check_port(host: str, port: int, variable: str) -> None:
 
 
 def check_ports(settings: Settings) -> None:
-    roles = settings.role_list
+    roles = settings.roles
     if "studio" in roles:
         check_port(settings.host, settings.port, "APPLIANCE_PORT")
     if "sam" in roles:
@@ -116,7 +116,7 @@ def supervisor_env(settings: Settings) -> dict[str, str]:
     env["APPLIANCE_PYTHON"] = sys.executable
     env["APPLIANCE_SUPERVISOR_PID"] = str(os.getpid())  # supervisord is this process after execve
     for role in ("studio", "sam", "predict", "train"):
-        env[f"APPLIANCE_START_{role.upper()}"] = "true" if role in settings.role_list else "false"
+        env[f"APPLIANCE_START_{role.upper()}"] = "true" if role in settings.roles else "false"
     return env
 
 
@@ -135,7 +135,7 @@ DETECTOR_ROLES = {"predict", "train"}
 def check_weights(settings: Settings) -> None:
     """A weights file the user named must be one the programs can load: refused here, in one line, rather than a
     backend that starts and cannot serve."""
-    roles = set(settings.role_list)
+    roles = set(settings.roles)
     if settings.sam_checkpoint is not None and roles & SAM_ROLES:
         from appliance.models.sam.weights import WeightsError, inspect_checkpoint
 
@@ -156,12 +156,12 @@ def check_weights(settings: Settings) -> None:
 
 def ensure_annotators(settings: Settings) -> list[str]:
     """APPLIANCE_ANNOTATORS' accounts that do not exist yet are created; their passwords go to secrets.env."""
-    if not settings.annotator_list:
+    if not settings.annotators:
         return []
     from appliance import accounts
 
     stored = secrets.read_secrets_file(settings.secrets_file)
-    created, keep = accounts.ensure(settings, settings.annotator_list, stored)
+    created, keep = accounts.ensure(settings, settings.annotators, stored)
     secrets.store(settings, keep)
     return created
 
@@ -177,7 +177,7 @@ def prepare(settings: Settings) -> None:
     generated = ensure_secrets(settings)
     announce_credentials(settings, generated)
     check_ports(settings)
-    if "studio" in settings.role_list:
+    if "studio" in settings.roles:
         with bootstrap_turn(settings):  # replicas starting together on one PostgreSQL migrate it one at a time
             result = studio.prepare_database(settings, process_env(settings))
             created = ensure_annotators(settings)
@@ -204,7 +204,7 @@ def up() -> None:
         print(f"start-up failed: {error}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
     supervisord = str(Path(sys.executable).parent / "supervisord")
-    say(f"starting {', '.join(settings.role_list)} under supervisord")
+    say(f"starting {', '.join(settings.roles)} under supervisord")
     os.execve(supervisord, [supervisord, "-c", str(SUPERVISORD_CONF)], supervisor_env(settings))
 
 

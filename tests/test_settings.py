@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from appliance.settings import ConfigError, Settings, load_settings
+from appliance.settings import ConfigError, load_settings
 from harness import ROOT, appliance_env
 
 BAD = [
@@ -38,9 +38,25 @@ def test_bad_value_names_the_variable(name, value):
 
 def test_defaults_serve_the_offline_demo():
     settings = load_settings({})
-    assert settings.port == 8080 and settings.role_list == ["studio", "sam", "predict", "train"]
-    assert settings.label_list == ["Person", "Animal", "Vehicle", "Object"]
+    assert settings.port == 8080 and settings.roles == ["studio", "sam", "predict", "train"]
+    assert settings.labels == ["Person", "Animal", "Vehicle", "Object"]
     assert settings.password is None and settings.api_key is None  # generated at boot, never defaulted
+
+
+def test_the_process_environment_is_read_by_prefix_and_lists_by_commas(monkeypatch):
+    monkeypatch.setenv("APPLIANCE_LABELS", " Cat, Dog ,")
+    monkeypatch.setenv("APPLIANCE_ROLES", "sam,predict")
+    monkeypatch.setenv("APPLIANCE_SAM_ENCODER_THREADS", "3")
+    monkeypatch.setenv("LABEL_STUDIO_URL", "http://studio.internal:8080/")
+    monkeypatch.setenv("APPLIANCE_ALLOWED_IMAGE_HOSTS", "a.example,b.example")
+    settings = load_settings()
+    assert settings.labels == ["Cat", "Dog"] and settings.roles == ["sam", "predict"]
+    assert settings.sam_encoder_threads == 3 and settings.studio_base_url == "http://studio.internal:8080"
+    assert settings.allowed_image_hosts == ["a.example", "b.example"]
+    monkeypatch.setenv("APPLIANCE_ROLES", "sam,gpu")
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert caught.value.line.startswith("configuration error: APPLIANCE_ROLES") and "gpu" in caught.value.line
 
 
 def test_token_alias_is_accepted():
@@ -134,9 +150,14 @@ def test_busy_port_is_an_error_not_a_silent_hop(tmp_path):
     assert "APPLIANCE_PORT" in proc.stderr and "already in use" in proc.stderr
 
 
-def test_readme_documents_every_variable():
+def test_readme_env_table_is_the_one_appliance_config_prints():
     readme = (ROOT / "README.md").read_text()
-    from appliance.settings import env_name
+    printed = subprocess.run([sys.executable, "-m", "appliance", "config"], capture_output=True, text=True, cwd=ROOT,
+                             check=True).stdout.strip()
+    section = readme.split("<!-- env-table:", 1)[1].split("-->", 1)[1].split("<!-- /env-table -->", 1)[0].strip()
+    assert section == printed, "README env table differs from `appliance config`: paste its output between the markers"
+    for name in ("APPLIANCE_DATA_DIR", "LABEL_STUDIO_API_KEY", "LABEL_STUDIO_USER_TOKEN",
+                 "GOOGLE_APPLICATION_CREDENTIALS", "APPLIANCE_SAM_ENCODER_THREADS"):
+        assert f"`{name}`" in section
 
-    missing = [env_name(f) for f in Settings.model_fields if f"`{env_name(f)}`" not in readme]
-    assert not missing, f"README env table lacks {missing}; regenerate with `appliance config`"
+

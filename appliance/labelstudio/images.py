@@ -99,7 +99,7 @@ class ImageFetcher:
     def from_settings(cls, settings) -> "ImageFetcher":
         """The fetcher every process uses: Label Studio, the allowed hosts and the GCS emulator if one is set."""
         storage = [urlsplit(settings.storage_emulator_host).netloc] if settings.storage_emulator_host else []
-        return cls(settings.studio_base_url, settings.secret("api_key"), settings.allowed_hosts,
+        return cls(settings.studio_base_url, settings.secret("api_key"), settings.allowed_image_hosts,
                    settings.image_max_mb * 1024 * 1024, storage_hosts=storage)
 
     def __repr__(self) -> str:  # keeps the token out of logs and tracebacks

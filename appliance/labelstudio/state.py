@@ -30,7 +30,7 @@ def project_id(settings: Settings) -> int | None:
     A node without the studio role (the roles split over machines) has no bootstrap of its own: it finds the project
     by its title through Label Studio's API, and remembers it here."""
     found = read(settings).get("project_id")
-    if not found and "studio" not in settings.role_list:
+    if not found and "studio" not in settings.roles:
         found = _by_title(settings)
         if found:
             write(settings, {**read(settings), "project_id": found})
