@@ -3,14 +3,15 @@ journal alone goes through Label Studio's models: see studio_scripts/storages.py
 
 Runs after every start (supervisord's ``bootstrap`` program). Each step compares before it writes, so N restarts
 create nothing twice: the project (found by the id remembered in ``<data>/state.json``, else by title), its
-template and settings, the annotation journal, a Local Files storage over the images folder (synced, which imports
-only new files), and both ML connections.
+template and settings, both ML connections, the annotation journal, and a Local Files storage over the images folder
+(synced, which imports only new files).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -133,17 +134,21 @@ def converge(settings: Settings, started: float) -> dict[str, Any]:
     state = app_state.read(settings)
     state["project_id"] = converge_project(ls, settings, state)
     app_state.write(settings, state)
-    files = studio.converge_file_storages(settings, state["project_id"])  # before the sync: it may re-key links
+    # The storages script (a Label Studio process of its own, seconds of start-up) runs while the ML backends are
+    # connected: neither needs the other, and the backends are often still loading their models.
+    with ThreadPoolExecutor(1) as pool:
+        storages = pool.submit(studio.converge_file_storages, settings, state["project_id"])
+        state["ml_backends"] = {
+            role: converge_backend(ls, settings, state["project_id"], backend)
+            for role, backend in backends(settings).items()
+        }
+        files = storages.result()
     state["journal_storage_id"] = files["journal"]  # None when shared: gcs_bootstrap sets it
     if files["journal_created"]:
         log.info("created the annotation journal (export storage %d) at %s", files["journal"], settings.journal_dir)
     if files["images_moved"]:
         log.info("moved the images storage under %s (%d images kept)", settings.files_root, files["images_moved"])
-    state["local_storage_id"] = converge_local_storage(ls, settings, state["project_id"])
-    state["ml_backends"] = {
-        role: converge_backend(ls, settings, state["project_id"], backend)
-        for role, backend in backends(settings).items()
-    }
+    state["local_storage_id"] = converge_local_storage(ls, settings, state["project_id"])  # after: links re-keyed
     app_state.write(settings, state)
     # Cloud storages last: a wrong bucket or key must not keep the ML connections from being made.
     state.update(gcs_bootstrap.converge(ls, settings, state))  # raises gcs.GcsError: one line, exit 2

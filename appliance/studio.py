@@ -152,6 +152,7 @@ def gunicorn_command(settings: Settings) -> list[str]:
         "--graceful-timeout", "20",
         "--forwarded-allow-ips", "127.0.0.1",
         "--no-control-socket",
+        "--preload", "--config", str(SCRIPTS / "gunicorn_studio.py"),
         "core.wsgi:application",
     ]
 

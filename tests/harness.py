@@ -21,6 +21,14 @@ ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts"
 
 
+def brush_mask(region: dict):
+    """A brush region's mask (bool H x W), decoded by Label Studio's own decoder (label-studio-sdk)."""
+    from label_studio_sdk.converter.brush import decode_rle
+
+    height, width = region["original_height"], region["original_width"]
+    return decode_rle(region["value"]["rle"]).reshape(height, width, 4)[:, :, 3] >= 128
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -74,6 +82,31 @@ class Appliance:
     def api(self, method: str, path: str, **kwargs) -> requests.Response:
         headers = {"Authorization": f"Token {self.token}", **kwargs.pop("headers", {})}
         return requests.request(method, self.url + path, headers=headers, timeout=60, **kwargs)
+
+    def backend_url(self, role: str) -> str:
+        """The SAM ("sam") or prediction ("predict") backend, where Label Studio reaches it (the backend host)."""
+        port = self.env["APPLIANCE_SAM_PORT" if role == "sam" else "APPLIANCE_PREDICT_PORT"]
+        return f"http://{self.env.get('APPLIANCE_BACKEND_HOST', '127.0.0.2')}:{port}"
+
+    @property
+    def backend_auth(self) -> tuple[str, str]:
+        return "labelstudio", self.secrets()["APPLIANCE_BACKEND_SECRET"]
+
+    def backend_health(self, role: str, timeout: float = 10) -> dict:
+        return requests.get(f"{self.backend_url(role)}/health", auth=self.backend_auth, timeout=timeout).json()
+
+    def wait_backend_ready(self, role: str, timeout: float = 240) -> dict:
+        """Poll the backend's /health until its model is loaded ("ready"); returns that health."""
+        deadline = time.time() + timeout
+        while True:
+            try:
+                health = self.backend_health(role, timeout=5)
+            except (requests.RequestException, ValueError):
+                health = {}
+            if health.get("ready"):
+                return health
+            assert time.time() < deadline, f"the {role} backend never became ready; see {self.log_path}"
+            time.sleep(0.5)
 
     def state(self) -> dict:
         try:

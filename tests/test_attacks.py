@@ -52,21 +52,6 @@ def studio(default_appliance):
     return default_appliance  # shared with the other hostile-input tests (conftest.py)
 
 
-def backend(app: Appliance, role: str) -> str:
-    return f"http://127.0.0.2:{app.env['APPLIANCE_SAM_PORT' if role == 'sam' else 'APPLIANCE_PREDICT_PORT']}"
-
-
-def backend_auth(app: Appliance) -> tuple[str, str]:
-    return "labelstudio", app.secrets()["APPLIANCE_BACKEND_SECRET"]
-
-
-def wait_sam_ready(app: Appliance, timeout: float = 240) -> None:
-    deadline = time.time() + timeout
-    while not requests.get(f"{backend(app, 'sam')}/health", auth=backend_auth(app), timeout=10).json().get("ready"):
-        assert time.time() < deadline, "SAM never became ready"
-        time.sleep(1)
-
-
 @pytest.fixture(scope="module")
 def serving(studio) -> str:
     """A model is served, so the prediction backend really fetches task images."""
@@ -76,8 +61,7 @@ def serving(studio) -> str:
     finally:
         os.umask(old)
     deadline = time.time() + 120
-    while requests.get(f"{backend(studio, 'predict')}/health", auth=backend_auth(studio),
-                       timeout=10).json().get("model_version") != version:
+    while studio.backend_health("predict").get("model_version") != version:
         assert time.time() < deadline, "the prediction backend did not load the model"
         time.sleep(1)
     return version
@@ -98,7 +82,7 @@ def test_backslash_image_url_never_carries_the_token_elsewhere(studio, attacker,
     assert created.status_code == 201, created.text
     task = studio.api("GET", f"/api/tasks?project={project}&page_size=200").json()["tasks"]
     task = next(t for t in task if t["data"].get("image") == url)
-    wait_sam_ready(studio)
+    studio.wait_backend_ready("sam")
     sam_id = studio.state()["ml_backends"]["sam"]
     click = {"type": "keypointlabels", "from_name": "point", "to_name": "image", "original_width": 512,
              "original_height": 512, "is_positive": True,
@@ -108,7 +92,7 @@ def test_backslash_image_url_never_carries_the_token_elsewhere(studio, attacker,
                                 json={"task": task["id"], "context": {"result": [click]}})
     assert through_studio.status_code < 500
     for role in ("predict", "sam"):
-        direct = requests.post(f"{backend(studio, role)}/predict", auth=backend_auth(studio), timeout=60,
+        direct = requests.post(f"{studio.backend_url(role)}/predict", auth=studio.backend_auth, timeout=60,
                                json={"tasks": [task], "project": f"{project}.1", "label_config": config,
                                      "params": {"context": {"result": [click]}} if role == "sam" else {}})
         assert direct.status_code == 200, direct.text

@@ -105,10 +105,8 @@ def test_restore_into_a_new_dir_serves_the_same_project(appliance, backed_up, tm
         assert annotations[0]["result"][0]["value"] == BOX["value"]
         backends = second.api("GET", f"/api/ml?project={pid}").json()
         assert sorted(b["url"] for b in backends) == sorted(
-            [f"http://127.0.0.2:{env['APPLIANCE_SAM_PORT']}", f"http://127.0.0.2:{env['APPLIANCE_PREDICT_PORT']}"])
-        auth = ("labelstudio", second.secrets()["APPLIANCE_BACKEND_SECRET"])
-        health = requests.get(f"http://127.0.0.2:{env['APPLIANCE_PREDICT_PORT']}/health", auth=auth,
-                              timeout=10).json()
+            [second.backend_url("sam"), second.backend_url("predict")])
+        health = second.backend_health("predict")
         current, _ = backed_up["before"]["registry"]
         if current:
             assert health["model_version"] == Path(current).name

@@ -50,16 +50,8 @@ def studio(default_appliance):
     return default_appliance  # shared with the other hostile-input tests (conftest.py)
 
 
-def backend_url(app: Appliance, role: str) -> str:
-    return f"http://127.0.0.2:{app.env['APPLIANCE_SAM_PORT' if role == 'sam' else 'APPLIANCE_PREDICT_PORT']}"
-
-
-def auth(app: Appliance) -> tuple[str, str]:
-    return "labelstudio", app.secrets()["APPLIANCE_BACKEND_SECRET"]
-
-
 def health(app: Appliance, role: str) -> requests.Response:
-    return requests.get(f"{backend_url(app, role)}/health", auth=auth(app), timeout=10)
+    return requests.get(f"{app.backend_url(role)}/health", auth=app.backend_auth, timeout=10)
 
 
 def all_tasks(app: Appliance) -> list[dict]:
@@ -123,7 +115,7 @@ def test_prediction_backend_answers_a_per_task_error_for_each_bad_image(studio, 
     config = studio.api("GET", f"/api/projects/{pid}").json()["label_config"]
     good = next(t for t in all_tasks(studio) if "astronaut" in image_of(t))
     tasks = bad_tasks + [good]
-    response = requests.post(f"{backend_url(studio, 'predict')}/predict", auth=auth(studio), timeout=180,
+    response = requests.post(f"{studio.backend_url('predict')}/predict", auth=studio.backend_auth, timeout=180,
                              json={"tasks": tasks, "label_config": config, "project": f"{pid}.0"})
     assert response.status_code == 200, response.text
     results = response.json()["results"]

@@ -18,10 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from label_studio_sdk.converter.brush import decode_rle
 from playwright.sync_api import Error as PlaywrightError
 
-from harness import Appliance, appliance_env
+from harness import Appliance, appliance_env, brush_mask
 from synthetic import make_dataset
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -52,8 +51,8 @@ def serving_version(studio, tmp_path_factory) -> str:
     make_dataset(root / "data", 8, ["Person", "Object"], seed=3)
     model = train(root / "data", ["Person", "Object"], root / "model", epochs=1, batch_size=4, img_size=160)
     version = ModelRegistry(studio.data_dir / "models").publish(Path(model), {})
-    url = f"http://127.0.0.2:{studio.env['APPLIANCE_PREDICT_PORT']}/health"
-    auth = ("labelstudio", studio.secrets()["APPLIANCE_BACKEND_SECRET"])
+    url = f"{studio.backend_url('predict')}/health"
+    auth = studio.backend_auth
     deadline = time.time() + 120
     while requests.get(url, auth=auth, timeout=5).json()["model_version"] != version:
         assert time.time() < deadline, "the prediction backend did not serve the model"
@@ -149,8 +148,7 @@ class Annotator:
 
 def masks_of(data: dict | None) -> list[np.ndarray]:
     regions = [r for r in (data or {}).get("result", []) if r["type"] == "brushlabels"]
-    return [decode_rle(r["value"]["rle"]).reshape(r["original_height"], r["original_width"], 4)[:, :, 3] >= 128
-            for r in regions]
+    return [brush_mask(r) for r in regions]
 
 
 def test_the_annotators_path_wastes_no_click(studio, serving_version, browser, artifacts):

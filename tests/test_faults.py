@@ -142,11 +142,11 @@ def test_sam_does_not_hold_big_data_uris(appliance):
     """The issue's case: distinct 2 MiB data: URIs (here all the same picture, so one embedding) used to stay in
     the memo, about 4 MB each, for good. Now it holds a digest and a content key per URL. (SAM's RSS is no measure:
     the allocator keeps some of every request's garbage.)"""
-    from test_sam_service import keypoint, wait_sam_ready
+    from test_sam_service import keypoint
 
-    wait_sam_ready(appliance)
+    appliance.wait_backend_ready("sam")
     url = backend_urls(appliance)[0]
-    auth = ("labelstudio", appliance.secrets()["APPLIANCE_BACKEND_SECRET"])
+    auth = appliance.backend_auth
     config = appliance.api("GET", f"/api/projects/{appliance.state()['project_id']}").json()["label_config"]
     noise = np.random.default_rng(0).integers(0, 255, (512, 512, 3), dtype=np.uint8)
     buffer = io.BytesIO()

@@ -60,16 +60,16 @@ def test_both_ml_backends_connected(appliance):
     project_id = appliance.state()["project_id"]
     backends = appliance.api("GET", f"/api/ml?project={project_id}").json()
     assert sorted(b["url"] for b in backends) == sorted(
-        [f"http://127.0.0.2:{appliance.env['APPLIANCE_SAM_PORT']}",
-         f"http://127.0.0.2:{appliance.env['APPLIANCE_PREDICT_PORT']}"])
+        [appliance.backend_url('sam'),
+         appliance.backend_url('predict')])
     assert all(b["state"] == "CO" for b in backends), backends
     assert [b["is_interactive"] for b in backends if "SAM" in b["title"]] == [True]
 
 
 def test_backends_refuse_requests_without_the_shared_secret(appliance):
-    url = f"http://127.0.0.2:{appliance.env['APPLIANCE_SAM_PORT']}"
+    url = appliance.backend_url('sam')
     assert requests.get(f"{url}/health", timeout=5).status_code == 401
-    auth = ("labelstudio", appliance.secrets()["APPLIANCE_BACKEND_SECRET"])
+    auth = appliance.backend_auth
     assert requests.get(f"{url}/health", timeout=5, auth=auth).json()["status"] == "UP"
 
 
@@ -87,8 +87,8 @@ def test_open_signup_is_refused(appliance):
 
 
 def test_status_reports_processes_project_and_connections(appliance):
-    sam = f"http://127.0.0.2:{appliance.env['APPLIANCE_SAM_PORT']}/health"
-    auth = ("labelstudio", appliance.secrets()["APPLIANCE_BACKEND_SECRET"])
+    sam = f"{appliance.backend_url('sam')}/health"
+    auth = appliance.backend_auth
     deadline = time.time() + 240
     while not requests.get(sam, auth=auth, timeout=10).json().get("ready"):  # the SAM model is loaded
         assert time.time() < deadline, "SAM never became ready"
@@ -154,4 +154,4 @@ def test_a_backend_on_a_new_port_is_reconnected_not_duplicated(appliance):
     assert counts(appliance) == before
     backends = appliance.api("GET", f"/api/ml?project={appliance.state()['project_id']}").json()
     sam = next(b for b in backends if "SAM" in b["title"])
-    assert sam["url"] == f"http://127.0.0.2:{appliance.env['APPLIANCE_SAM_PORT']}" and sam["state"] == "CO"
+    assert sam["url"] == appliance.backend_url('sam') and sam["state"] == "CO"

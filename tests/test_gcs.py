@@ -325,9 +325,9 @@ def test_image_fetcher_and_prediction_backend_fetch_gs_images(app):
 
 
 def test_sam_click_on_a_gs_task_returns_a_mask(app):
-    from test_sam_service import decode, interactive, keypoint, wait_sam_ready
+    from test_sam_service import decode, interactive, keypoint
 
-    wait_sam_ready(app)
+    app.wait_backend_ready("sam")
     task = task_for(app, f"gs://{SOURCE}/images/astronaut.jpg")
     response = interactive(app, task["id"], [keypoint(*FACE)])
     assert response.status_code == 200, response.text
@@ -335,8 +335,8 @@ def test_sam_click_on_a_gs_task_returns_a_mask(app):
     assert region["type"] == "brushlabels"
     assert decode(region)[FACE[1], FACE[0]]
     # The click makes the prefetcher warm the next unlabeled tasks: gs:// ones too, through the presign endpoint.
-    health = f"http://127.0.0.2:{app.env['APPLIANCE_SAM_PORT']}/health"
-    auth = ("labelstudio", app.secrets()["APPLIANCE_BACKEND_SECRET"])
+    health = f"{app.backend_url('sam')}/health"
+    auth = app.backend_auth
     deadline = time.time() + 90
     while requests.get(health, auth=auth, timeout=5).json()["cache"]["entries"] < 2 and time.time() < deadline:
         time.sleep(1)

@@ -79,7 +79,7 @@ def port_free(port: int) -> bool:
 
 def health(app: Appliance) -> dict:
     settings = load_settings(app.env)
-    auth = ("labelstudio", app.secrets()["APPLIANCE_BACKEND_SECRET"])
+    auth = app.backend_auth
     return requests.get(f"{settings.predict_base_url}/health", auth=auth, timeout=5).json()
 
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import requests
-from label_studio_sdk.converter.brush import decode_rle
 
+from harness import brush_mask
 from synthetic import make_dataset
 
 CLASSES = ["circle", "rectangle"]
@@ -36,8 +36,7 @@ def tiny_models(tmp_path_factory) -> list[Path]:
 
 
 def backend(appliance) -> tuple[str, tuple[str, str]]:
-    return (f"http://127.0.0.2:{appliance.env['APPLIANCE_PREDICT_PORT']}",
-            ("labelstudio", appliance.secrets()["APPLIANCE_BACKEND_SECRET"]))
+    return appliance.backend_url("predict"), appliance.backend_auth
 
 
 def serving(appliance) -> str:
@@ -81,7 +80,7 @@ def test_predictions_are_stored_by_label_studio_with_mapped_labels(appliance, ti
     assert labels == {"Object"}  # circle -> Object; rectangle has no label and is dropped
     # Boxes always; a mask only where the (barely trained) model's mask is not empty.
     assert "rectanglelabels" in {r["type"] for r in result} <= {"brushlabels", "rectanglelabels"}
-    assert all((decode_rle(r["value"]["rle"]) >= 128).any() for r in result if r["type"] == "brushlabels")
+    assert all(brush_mask(r).any() for r in result if r["type"] == "brushlabels")
     assert 0 <= predictions[0]["score"] <= 1
 
 

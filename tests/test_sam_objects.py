@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import skimage.data
-from label_studio_sdk.converter.brush import decode_rle
 from PIL import Image
 
 from appliance.models.sam.cache import EmbeddingCache
@@ -22,6 +21,7 @@ from appliance.models.sam.engine import PromptError, SamEngine
 from appliance.models.sam.objects import Click, ObjectSegmenter
 from appliance.models.sam.seeds import Seed
 from appliance.models.sam.weights import mobile_sam_path
+from harness import brush_mask
 from test_fuzz import make_settings, wait_ready
 
 FACE, HAIR, NECK, HELMET = (225, 130), (225, 50), (225, 215), (390, 420)  # astronaut, 512 x 512
@@ -183,7 +183,7 @@ def test_the_backend_refines_the_tasks_newest_prediction_of_the_clicked_label(sa
         response = sam.post("/predict", json=body)
         assert response.status_code == 200, response.data
         region = response.get_json()["results"][0]["result"][0]
-        return decode_rle(region["value"]["rle"]).reshape(512, 512, 4)[:, :, 3] >= 128
+        return brush_mask(region)
 
     seeded = engine.decode(embedding, [FACE], [1], box=(110.0, 20.0, 350.0, 330.0)).mask
     alone, _ = engine.segment(embedding, [FACE], [1])
@@ -272,7 +272,7 @@ def test_every_template_kind_gets_the_mask_in_its_own_kind(sam, astronaut, embed
 
     both = ask(sam, TEMPLATES["brush+polygon"], [keypoint(FACE), keypoint(HELMET)], image)["result"]
     assert [r["type"] for r in both] == ["brushlabels", "polygonlabels"] * 2  # two objects, each in both kinds
-    masks = [decode_rle(r["value"]["rle"]).reshape(512, 512, 4)[:, :, 3] >= 128 for r in both[::2]]
+    masks = [brush_mask(r) for r in both[::2]]
     assert masks[0][FACE[1], FACE[0]] and masks[1][HELMET[1], HELMET[0]] and not (masks[0] & masks[1]).any()
 
     drawn = {"type": "rectanglelabels", "from_name": "face", "to_name": "image", "original_width": 512,
@@ -316,4 +316,4 @@ def test_pre_annotations_come_in_each_template_kind(tmp_path_factory, astronaut)
         assert result and {r["type"] for r in result} == expected, (kind, answer)
         assert {label for r in result for label in r["value"][r["type"]]} == {"Person"}
         if kind == "brush+polygon":  # no empty brush mask is offered
-            assert all((decode_rle(r["value"]["rle"]) >= 128).any() for r in result)
+            assert all(brush_mask(r).any() for r in result)

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
-import pytest
 import requests
-from label_studio_sdk.converter.brush import decode_rle
+
+from harness import brush_mask
 
 ASTRONAUT_FACE = (160, 60, 290, 200)  # x0, y0, x1, y1 around the face in skimage.data.astronaut() (512 x 512)
 FACE = (225, 130)
@@ -34,26 +32,14 @@ def interactive(appliance, task_id: int, regions: list[dict]) -> requests.Respon
                          json={"task": task_id, "context": {"result": regions}})
 
 
-def wait_sam_ready(appliance, timeout: float = 180) -> None:
-    url = f"http://127.0.0.2:{appliance.env['APPLIANCE_SAM_PORT']}/health"
-    auth = ("labelstudio", appliance.secrets()["APPLIANCE_BACKEND_SECRET"])
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if requests.get(url, auth=auth, timeout=5).json().get("ready"):
-            return
-        time.sleep(1)
-    pytest.fail("SAM model did not load")
-
-
 def decode(region: dict) -> np.ndarray:
-    height, width = region["original_height"], region["original_width"]
-    return decode_rle(region["value"]["rle"]).reshape(height, width, 4)[:, :, 3] >= 128
+    return brush_mask(region)
 
 
 def test_click_through_label_studio_returns_a_brush_mask_on_the_face(appliance):
-    wait_sam_ready(appliance)
-    url = f"http://127.0.0.2:{appliance.env['APPLIANCE_SAM_PORT']}/health"
-    health = requests.get(url, auth=("labelstudio", appliance.secrets()["APPLIANCE_BACKEND_SECRET"]), timeout=5).json()
+    appliance.wait_backend_ready("sam")
+    url = f"{appliance.backend_url('sam')}/health"
+    health = requests.get(url, auth=appliance.backend_auth, timeout=5).json()
     assert health["encoder"] == "onnxruntime", health  # the install's export, on the CPU by default
     task = task_named(appliance, "astronaut")
     response = interactive(appliance, task["id"], [keypoint(*FACE)])
@@ -69,7 +55,7 @@ def test_click_through_label_studio_returns_a_brush_mask_on_the_face(appliance):
 
 
 def test_label_missing_from_the_template_is_a_clear_error(appliance):
-    wait_sam_ready(appliance)
+    appliance.wait_backend_ready("sam")
     task = task_named(appliance, "astronaut")
     response = interactive(appliance, task["id"], [keypoint(205, 80, label="Giraffe")])
     data = response.json()["data"]
@@ -77,7 +63,7 @@ def test_label_missing_from_the_template_is_a_clear_error(appliance):
 
 
 def test_backend_survives_bad_prompts(appliance):
-    wait_sam_ready(appliance)
+    appliance.wait_backend_ready("sam")
     task = task_named(appliance, "astronaut")
     for regions, words in (([], "no SAM prompt"), ([keypoint(900, 900)], "outside"),
                            ([{"type": "keypointlabels", "value": {}}], "label")):

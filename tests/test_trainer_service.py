@@ -13,11 +13,10 @@ import time
 
 import numpy as np
 import requests
-from label_studio_sdk.converter.brush import decode_rle
 from PIL import Image
 
 from appliance.models.sam.masks import mask_to_brush_rle
-from harness import ROOT  # noqa: F401
+from harness import ROOT, brush_mask  # noqa: F401
 from synthetic import make_image
 
 N_TASKS = 16
@@ -83,8 +82,8 @@ def test_submitted_annotations_become_a_serving_model_that_finds_the_objects(app
     version = last["version"]
     assert last["candidate"]["segm_AP50"] > 0 and last["candidate"]["images"] >= 3  # a split big enough to decide
 
-    auth = ("labelstudio", appliance.secrets()["APPLIANCE_BACKEND_SECRET"])
-    health_url = f"http://127.0.0.2:{appliance.env['APPLIANCE_PREDICT_PORT']}/health"
+    auth = appliance.backend_auth
+    health_url = f"{appliance.backend_url('predict')}/health"
     while requests.get(health_url, auth=auth, timeout=5).json()["model_version"] != version:
         assert time.time() < deadline, "the prediction backend did not swap to the new version"
         time.sleep(1)
@@ -127,7 +126,7 @@ def test_submitted_annotations_become_a_serving_model_that_finds_the_objects(app
         ious = [0.0]
         for region in masks:
             assert (region["original_width"], region["original_height"]) == (width, height)  # the image's size
-            predicted = decode_rle(region["value"]["rle"]).reshape(height, width, 4)[:, :, 3] >= 128
+            predicted = brush_mask(region)
             ious += [np.logical_and(predicted, m).sum() / np.logical_or(predicted, m).sum() for m in truth[name]]
         found += max(ious) > 0.5
     assert found >= len(held_out) - 1, f"found {found} of {len(held_out)} held-out objects at IoU > 0.5"

@@ -10,6 +10,7 @@ from appliance import compat
 from appliance.models.detection import PRETRAINED_ARCH
 from appliance.models.detection.configs import AUTO, DEFAULT_ARCH, arch_spec, build_config
 from appliance.models.detection.model import Detector
+from appliance.models.files import weights_file
 from appliance.models.registry import ModelRegistry
 
 # Pretrained MMDetection checkpoints are for bundled architectures; sam-det has none of its own.
@@ -36,11 +37,7 @@ def inspect_weights(weights: Path) -> None:
     detector's state dict (whether they fit the architecture is checked when they are imported)."""
     import torch
 
-    weights = Path(weights).expanduser()
-    if not weights.is_file():
-        raise PretrainedError(f"no file at {weights}")
-    if weights.stat().st_size == 0:
-        raise PretrainedError(f"{weights} is empty")
+    weights = weights_file(weights, PretrainedError)
     try:
         checkpoint = compat.load_trusted_checkpoint(weights)
     except Exception as error:

