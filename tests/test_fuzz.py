@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import time
 
 import numpy as np
@@ -28,7 +29,7 @@ from random_model import random_model
 
 LABELS = ["Person", "Animal", "Vehicle", "Object"]
 TEMPLATE = default_template(LABELS, [])
-FUZZ = settings(max_examples=60, deadline=None,
+FUZZ = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "60")), deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
                                        HealthCheck.data_too_large])
 

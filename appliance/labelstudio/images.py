@@ -122,10 +122,13 @@ class ImageFetcher:
         raise ImageError(f"unsupported image URL scheme {scheme!r} in {url!r}")
 
     def _presign_url(self, uri: str, task_id: int | None) -> str:
-        if task_id is None:
-            raise ImageError(f"{uri!r} is in cloud storage: a task id is needed to presign it through Label Studio")
+        try:
+            task = int(task_id)
+        except (TypeError, ValueError):
+            raise ImageError(f"{uri!r} is in cloud storage: presigning it through Label Studio needs the task's "
+                             f"numeric id, got {task_id!r}") from None
         fileuri = base64.urlsafe_b64encode(uri.encode()).decode()
-        return f"{self.base_url}/tasks/{int(task_id)}/presign/?fileuri={fileuri}"
+        return f"{self.base_url}/tasks/{task}/presign/?fileuri={fileuri}"
 
     def _check(self, url: str, shown: str, presigned: bool = False) -> None:
         try:

@@ -13,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+from appliance.models.device import resolve_device
 from appliance.trainer.spec import TrainingJob
 
 
@@ -61,9 +62,7 @@ GPU_SIZES = {"img_size": 640, "batch_size": 16}
 
 def device_defaults(device: str, img_size: int, batch_size: int) -> tuple[int, int]:
     """(img_size, batch_size) with 0 replaced by the default of the device the run uses."""
-    import torch
-
-    on_gpu = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    on_gpu = resolve_device(device) == "cuda"
     sizes = GPU_SIZES if on_gpu else CPU_SIZES
     return img_size or sizes["img_size"], batch_size or sizes["batch_size"]
 

@@ -10,6 +10,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from appliance import compat
+from appliance.models.device import resolve_device
 
 
 class ModelLoadError(RuntimeError):
@@ -35,7 +36,7 @@ class Detector:
         the trainer chose for this version), score_threshold for the classes not listed."""
         compat.install()
         self.model_dir = Path(model_dir)
-        self.device = _pick_device(device)
+        self.device = resolve_device(device)
         self.score_threshold = score_threshold
         self.class_thresholds = dict(class_thresholds or {})
         self.batch_size = batch_size
@@ -127,14 +128,6 @@ def _set_score_threshold(model: Any, threshold: float) -> None:
         test_cfg = getattr(module, "test_cfg", None)
         if isinstance(test_cfg, dict) and "score_thr" in test_cfg:
             test_cfg["score_thr"] = threshold
-
-
-def _pick_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 def _check_image(image: np.ndarray) -> None:

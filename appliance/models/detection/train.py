@@ -25,6 +25,7 @@ from mmengine.hooks import Hook
 from appliance import compat
 from appliance.models.detection import transfer
 from appliance.models.detection.configs import DEFAULT_ARCH, build_config
+from appliance.models.device import resolve_device
 
 Progress = Callable[[dict], None]
 
@@ -62,7 +63,6 @@ def train(
     rate scaled linearly to that batch. Seeded and deterministic: the same data and seed give the same model.
     """
     compat.install()
-    import torch
 
     _set_threads(threads)
     dataset_dir, out_dir = Path(dataset_dir).resolve(), Path(out_dir)
@@ -85,7 +85,7 @@ def train(
         compat.deterministic_env()
         cfg.randomness = dict(seed=seed, deterministic=True)
         cfg.log_level = log_level
-        use_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+        use_cpu = resolve_device(device) == "cpu"
         state_dict, frozen = _run(cfg, progress, use_cpu)
         _write_model(out_dir, cfg, state_dict, classes, arch, frozen)
     finally:

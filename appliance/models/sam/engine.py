@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from segment_anything.utils.transforms import ResizeLongestSide
 
+from ..device import resolve_device
 from .weights import WeightsError, checkpoint_path
 
 MODEL_TYPES = ("vit_t", "vit_b", "vit_l", "vit_h")
@@ -49,12 +50,6 @@ class Decoded:
     score: float  # SAM's predicted IoU
     logits: torch.Tensor  # 1 x 1 x 256 x 256 low-resolution logits: the next click's mask_input
     reach: np.ndarray | None = None  # a lone click's three candidates together (bool H x W): how far it may reach
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def _registry(model_type: str) -> dict:
@@ -97,7 +92,7 @@ class SamEngine:
             raise ValueError(f"unknown SAM model type {model_type!r}; expected one of {', '.join(MODEL_TYPES)}")
         self.checkpoint = checkpoint_path(model_type, checkpoint, sha256)
         self.model_type = model_type
-        self.device = resolve_device(device)
+        self.device = torch.device(resolve_device(device))
         self.model = build_model(self.checkpoint, model_type, self.device)
         self.image_size: int = self.model.image_encoder.img_size
         self.transform = ResizeLongestSide(self.image_size)
