@@ -168,13 +168,14 @@ class Settings(BaseSettings):
         description="SAM architecture of the checkpoint: vit_t (MobileSAM), vit_b, vit_l or vit_h.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto",
                                                    description="Where models run: auto picks the GPU when present.")
-    sam_encoder: Literal["auto", "torch"] = Field(
+    sam_encoder: Literal["auto", "openvino", "onnxruntime", "torch"] = Field(
         "auto",
-        description="SAM image encoder on a CPU: auto runs it on ONNX Runtime (exported once per checkpoint into "
-                    "<data>/cache/onnx; PyTorch meanwhile and if the export fails), torch keeps PyTorch.")
+        description="SAM image encoder on a CPU: auto runs it on OpenVINO (else ONNX Runtime), from an ONNX export "
+                    "made once per checkpoint (the install's, or <data>/cache/onnx; PyTorch meanwhile and if the "
+                    "export fails); openvino or onnxruntime pick the engine; torch keeps PyTorch.")
     sam_encoder_threads: int = Field(
         0, ge=0, le=256,
-        description="Threads of SAM's image encoder on ONNX Runtime: 0 takes every core the process may use "
+        description="Threads of SAM's image encoder on a CPU engine: 0 takes every core the process may use "
                     "(a click on an image nobody prefetched waits for it).")
     sam_cache_mb: int = Field(256, ge=16, le=65536,
                               description="Memory for cached image embeddings (MobileSAM: 4 MB per image).")

@@ -92,7 +92,7 @@ def wait_sam(app: Appliance, encoder: str, timeout: float = 300) -> dict:
         try:
             auth = ("labelstudio", app.secrets()["APPLIANCE_BACKEND_SECRET"])
             health = requests.get(url, auth=auth, timeout=5).json()
-            if health.get("ready") and (encoder == "torch" or health.get("encoder") == "onnxruntime"
+            if health.get("ready") and (encoder == "torch" or health.get("encoder") in ("openvino", "onnxruntime")
                                         or health.get("encoder_error")):
                 return health
         except (requests.RequestException, KeyError):
@@ -104,7 +104,8 @@ def wait_sam(app: Appliance, encoder: str, timeout: float = 300) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--settle", type=float, default=20, help="seconds to wait once ready (prefetch, GC)")
-    parser.add_argument("--encoder", choices=("auto", "torch"), default="auto", help="APPLIANCE_SAM_ENCODER")
+    parser.add_argument("--encoder", choices=("auto", "openvino", "onnxruntime", "torch"), default="auto",
+                        help="APPLIANCE_SAM_ENCODER")
     args = parser.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="idle-memory-"))
     app = Appliance(env=appliance_env(tmp / "data", APPLIANCE_SAM_ENCODER=args.encoder),

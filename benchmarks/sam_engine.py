@@ -1,9 +1,10 @@
 """Latency of the interactive SAM engine: the image encoder alone, and one decoder call per click.
 
-    python benchmarks/sam_engine.py --threads 2 --clicks 20 --encodes 3 --encoders torch,onnx
+    python benchmarks/sam_engine.py --threads 2 --clicks 20 --encodes 3 --encoders torch,onnxruntime,openvino
 
-``--encoders torch,onnx`` runs the same photos with PyTorch's image encoder and with its ONNX Runtime export
-(``SamEngine.use_onnx``, exported into a temporary folder first), so the rows compare on one machine in one run.
+``--encoders torch,onnxruntime,openvino`` runs the same photos with PyTorch's image encoder and with its ONNX export
+on each CPU engine (``SamEngine.use_onnx``, exported into a temporary folder first), so the rows compare on one
+machine in one run.
 
 Functions are importable so a larger benchmark can reuse them (``measure_encoder``, ``measure_decoder``).
 """
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--checkpoint", type=Path, default=None, help="default: the bundled MobileSAM")
     parser.add_argument("--model-type", default="vit_t")
-    parser.add_argument("--encoders", default="torch", help="comma-separated: torch, onnx (CPU only)")
+    parser.add_argument("--encoders", default="torch", help="comma-separated: torch, onnxruntime, openvino (CPU only)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     engine = SamEngine(args.checkpoint, args.model_type, args.device)
@@ -93,8 +94,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     with tempfile.TemporaryDirectory() as cache:
         for encoder in args.encoders.split(","):
-            if encoder == "onnx":
-                engine.use_onnx(Path(cache), args.threads)
+            if encoder != "torch":
+                engine.use_onnx(Path(cache), args.threads, encoder)
             rows += run(engine, args.photos.split(","), args.clicks, args.encodes)
     print(format_table(rows))
 

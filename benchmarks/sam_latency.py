@@ -109,12 +109,12 @@ class Sam:
         return self.session.get(f"{self.url}/health", timeout=10).json()
 
     def wait_ready(self, encoder: str = "auto", timeout: float = 240) -> None:
-        """Until the model is loaded and, with ``encoder`` auto, the ONNX encoder is in use (or has failed)."""
+        """Until the model is loaded and, unless ``encoder`` is torch, a CPU engine encodes (or has failed)."""
         deadline = time.time() + timeout
         while time.time() < deadline:
             try:
                 health = self.health()
-                if health.get("ready") and (encoder == "torch" or health.get("encoder") == "onnxruntime"
+                if health.get("ready") and (encoder == "torch" or health.get("encoder") in ("openvino", "onnxruntime")
                                             or health.get("encoder_error")):
                     return
                 if health.get("error"):
@@ -305,10 +305,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--studio-clicks", type=int, default=10,
                         help="of those, how many go through Label Studio as well (b')")
     parser.add_argument("--budget", type=float, default=130, help="seconds after which (c)/(d) stop early")
-    parser.add_argument("--encoder", choices=("auto", "torch"), default="auto",
-                        help="APPLIANCE_SAM_ENCODER: auto = ONNX Runtime on a CPU, torch = PyTorch")
+    parser.add_argument("--encoder", choices=("auto", "openvino", "onnxruntime", "torch"), default="auto",
+                        help="APPLIANCE_SAM_ENCODER: auto = OpenVINO on a CPU, torch = PyTorch")
     parser.add_argument("--encoder-threads", type=int, default=0,
-                        help="APPLIANCE_SAM_ENCODER_THREADS: the ONNX encoder's threads, 0 = every core (the default)")
+                        help="APPLIANCE_SAM_ENCODER_THREADS: the CPU engine's threads, 0 = every core (the default)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary volume and the appliance log")
     args = parser.parse_args(argv)
     began = time.monotonic()

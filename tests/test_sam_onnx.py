@@ -1,7 +1,8 @@
-"""The SAM image encoder on ONNX Runtime against PyTorch's, on real MobileSAM weights and real images.
+"""The SAM image encoder exported to ONNX, on OpenVINO and on ONNX Runtime, against PyTorch's: real MobileSAM weights,
+real images.
 
 Masks must stay the model's (IoU >= 0.99 per object against the PyTorch encoder's), and the features the same to
-float error, so the embedding store serves both engines.
+float error, so the embedding store serves every engine.
 """
 
 from __future__ import annotations
@@ -69,10 +70,24 @@ def no_installed_export(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def onnx_engine(onnx_dir: Path) -> SamEngine:
+    """The default: OpenVINO (installed by the lock), reading the export this fixture makes."""
     engine = SamEngine(device="cpu")
     engine.use_onnx(onnx_dir)
+    assert engine.encoder_name == "openvino"
+    return engine
+
+
+@pytest.fixture(scope="module")
+def ort_engine(onnx_engine, onnx_dir: Path) -> SamEngine:
+    engine = SamEngine(device="cpu")
+    engine.use_onnx(onnx_dir, runtime="onnxruntime")
     assert engine.encoder_name == "onnxruntime"
     return engine
+
+
+@pytest.fixture(params=["openvino", "onnxruntime"])
+def cpu_engine(request, onnx_engine, ort_engine) -> SamEngine:
+    return onnx_engine if request.param == "openvino" else ort_engine
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -81,26 +96,26 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @pytest.mark.parametrize("dataset", ["nuclei", "coco-ccby"])
-def test_onnx_masks_equal_pytorch_masks_on_real_images(torch_engine, onnx_engine, dataset):
+def test_cpu_engine_masks_equal_pytorch_masks_on_real_images(torch_engine, cpu_engine, dataset):
     ious = []
     for rgb, masks in real_objects(dataset):
-        reference, candidate = torch_engine.embed(rgb), onnx_engine.embed(rgb)
+        reference, candidate = torch_engine.embed(rgb), cpu_engine.embed(rgb)
         assert candidate.input_size == reference.input_size and candidate.original_size == reference.original_size
         diff = float((candidate.features - reference.features).abs().max())
-        assert diff < 1e-3, f"ONNX features differ from PyTorch's by {diff}"
+        assert diff < 1e-3, f"{cpu_engine.encoder_name} features differ from PyTorch's by {diff}"
         for truth in masks:
             point = interior_point(truth)
             mask_t, _ = torch_engine.segment(reference, [point], [1])
-            mask_o, _ = onnx_engine.segment(candidate, [point], [1])
+            mask_o, _ = cpu_engine.segment(candidate, [point], [1])
             assert mask_t.sum() > 20, "an empty mask would compare equal whatever the encoder"
             ious.append(iou(mask_t, mask_o))
     assert len(ious) >= 2 * IMAGES_PER_SET
-    assert min(ious) >= 0.99, f"per-object IoU ONNX vs PyTorch: {sorted(ious)[:5]}"
+    assert min(ious) >= 0.99, f"per-object IoU {cpu_engine.encoder_name} vs PyTorch: {sorted(ious)[:5]}"
 
 
-def test_stored_features_serve_either_engine(torch_engine, onnx_engine):
+def test_stored_features_serve_either_engine(torch_engine, cpu_engine):
     rgb, masks = real_objects("coco-ccby")[0]
-    stored = onnx_engine.embed(rgb).features[0].numpy()  # what the embedding store keeps
+    stored = cpu_engine.embed(rgb).features[0].numpy()  # what the embedding store keeps
     point = interior_point(masks[0])
     from_store, _ = torch_engine.segment(torch_engine.from_features(stored, rgb.shape[:2]), [point], [1])
     fresh, _ = torch_engine.segment(torch_engine.embed(rgb), [point], [1])
@@ -121,7 +136,7 @@ def test_export_is_cached_per_checkpoint_and_a_damaged_file_is_exported_again(on
         damaged.use_onnx(onnx_dir)
     assert damaged.encoder_name == "torch" and not path.exists(), "the damaged file is dropped, PyTorch stays"
     damaged.use_onnx(onnx_dir)
-    assert damaged.encoder_name == "onnxruntime"
+    assert damaged.encoder_name == "openvino"
 
 
 def test_failed_export_keeps_the_pytorch_encoder(tmp_path):
@@ -139,13 +154,12 @@ def test_failed_export_keeps_the_pytorch_encoder(tmp_path):
     assert mask[32, 48]
 
 
-
 def test_the_install_exports_the_bundled_encoder(tmp_path, monkeypatch):
     # scripts/install.sh runs `appliance export-onnx`: the SAM backend then loads it and exports nothing.
     installed = Path(sys.prefix) / "share" / "appliance" / "onnx"
     monkeypatch.setattr(onnx_encoder, "INSTALLED_DIR", installed)
     engine = SamEngine(device="cpu")
     engine.use_onnx(tmp_path / "cache")
-    assert engine.encoder_name == "onnxruntime"
+    assert engine.encoder_name == "openvino"
     assert engine._encoder.path.parent == installed, "the installed export is used"
     assert not (tmp_path / "cache").exists(), "nothing exported on the data volume"

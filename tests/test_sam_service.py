@@ -40,7 +40,7 @@ def test_click_through_label_studio_returns_a_brush_mask_on_the_face(appliance):
     appliance.wait_backend_ready("sam")
     url = f"{appliance.backend_url('sam')}/health"
     health = requests.get(url, auth=appliance.backend_auth, timeout=5).json()
-    assert health["encoder"] == "onnxruntime", health  # the install's export, on the CPU by default
+    assert health["encoder"] == "openvino", health  # the install's export, on the CPU by default
     task = task_named(appliance, "astronaut")
     response = interactive(appliance, task["id"], [keypoint(*FACE)])
     assert response.status_code == 200, response.text

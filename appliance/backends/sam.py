@@ -76,27 +76,29 @@ class SamBackend(Backend):
             self.load_error = str(error)
             log.error("SAM model not loaded: %s", error)
             return
-        onnx = self.settings.sam_encoder == "auto" and engine.device.type == "cpu"
+        runtime = self.settings.sam_encoder
+        onnx = runtime != "torch" and engine.device.type == "cpu"
         if onnx:  # the install's export loads in a second: before any encode, so PyTorch's never allocates
             with contextlib.suppress(Exception):
-                engine.use_onnx(None, self.settings.encoder_threads)
+                engine.use_onnx(None, self.settings.encoder_threads, runtime)
         self.engine = engine
         log.info("SAM %s loaded on %s (encoder: %s) in %.1f s", engine.model_type, engine.device, engine.encoder_name,
                  time.monotonic() - began)
         self.prefetcher.start()
-        if onnx and engine.encoder_name != "onnxruntime":
+        if onnx and engine.encoder_name == "torch":
             self._export_onnx(engine)
 
     def _export_onnx(self, engine: SamEngine) -> None:
         """Clicks are served with PyTorch's encoder until this checkpoint's export is ready; a failure keeps it."""
         began = time.monotonic()
         try:
-            engine.use_onnx(self.settings.onnx_dir, self.settings.encoder_threads)
+            engine.use_onnx(self.settings.onnx_dir, self.settings.encoder_threads, self.settings.sam_encoder)
         except Exception as error:
             self.encoder_error = f"{type(error).__name__}: {error}".splitlines()[0]
-            log.warning("SAM image encoder stays on PyTorch (ONNX Runtime unavailable: %s)", self.encoder_error)
+            log.warning("SAM image encoder stays on PyTorch (the ONNX export or its engine failed: %s)",
+                        self.encoder_error)
             return
-        log.info("SAM image encoder on ONNX Runtime (ready in %.1f s)", time.monotonic() - began)
+        log.info("SAM image encoder on %s (ready in %.1f s)", engine.encoder_name, time.monotonic() - began)
 
     @property
     def ready(self) -> bool:

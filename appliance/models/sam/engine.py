@@ -97,7 +97,7 @@ class SamEngine:
         self.image_size: int = self.model.image_encoder.img_size
         self.transform = ResizeLongestSide(self.image_size)
         self._encode_lock = threading.Lock()
-        self._encoder = self.model.image_encoder  # swapped for an ONNX Runtime session by use_onnx()
+        self._encoder = self.model.image_encoder  # swapped for a CPU inference engine by use_onnx()
         self.encoder_name = "torch"
         with torch.inference_mode():  # constant positional encoding of the embedding grid: compute it once
             self._dense_pe = self.model.prompt_encoder.get_dense_pe()
@@ -113,16 +113,17 @@ class SamEngine:
         return Embedding(features=features, original_size=(int(image.shape[0]), int(image.shape[1])),
                          input_size=input_size, nbytes=features.element_size() * features.nelement())
 
-    def use_onnx(self, cache_dir: Path | None, threads: int = 1) -> None:
-        """Encode with ONNX Runtime from now on (CPU only): the install's export of this checkpoint's encoder, else
-        one exported once into ``cache_dir`` (None: the installed export or nothing). Raises when the export or the
-        session fails; the PyTorch encoder then stays in use."""
+    def use_onnx(self, cache_dir: Path | None, threads: int = 1, runtime: str = "auto") -> None:
+        """Encode with a CPU inference engine from now on (``runtime``: auto, openvino or onnxruntime; see
+        onnx_encoder.py): the install's export of this checkpoint's encoder, else one exported once into
+        ``cache_dir`` (None: the installed export or nothing). Raises when the export or the engine fails; the
+        PyTorch encoder then stays in use."""
         if self.device.type != "cpu":
             raise RuntimeError(f"the ONNX encoder runs on the CPU; this engine runs on {self.device}")
         from .onnx_encoder import load_or_export
 
         encoder = load_or_export(self.model.image_encoder, self.image_size, self.checkpoint, self.model_type,
-                                 cache_dir, threads)
+                                 cache_dir, threads, runtime)
         with self._encode_lock:
             self._encoder, self.encoder_name = encoder, encoder.name
 

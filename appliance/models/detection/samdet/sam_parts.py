@@ -12,15 +12,15 @@ import torch
 import torch.nn.functional as F
 
 from appliance.models.sam.engine import build_model, encoder_input
-from appliance.models.sam.onnx_encoder import OnnxEncoder, load_or_export
+from appliance.models.sam.onnx_encoder import load_or_export
 from appliance.models.sam.weights import checkpoint_path
 
 log = logging.getLogger("samdet")
 
 EMBED_STRIDE = 16  # SAM's image encoder: 1024x1024 input -> 64x64 embedding
 _lock = threading.Lock()
-# The install's ONNX Runtime export of a loaded model's image encoder (same features, faster on a CPU).
-_onnx: weakref.WeakKeyDictionary[torch.nn.Module, OnnxEncoder] = weakref.WeakKeyDictionary()
+# The install's ONNX export of a loaded model's image encoder on a CPU engine (same features, faster).
+_onnx: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @functools.lru_cache(maxsize=2)
