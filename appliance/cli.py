@@ -44,10 +44,14 @@ def _bootstrap(args) -> None:
         raise SystemExit(1) from None
 
 
+TRAINER_NICENESS = 10  # the trainer and its training runs yield the CPU to clicks, Label Studio and start-up
+
+
 def _trainer(args) -> None:
     from appliance import runtime
     from appliance.trainer import service
 
+    os.nice(TRAINER_NICENESS)
     settings = runtime.load()
     runtime.setup_logging(settings)
     service.serve(settings)
