@@ -108,6 +108,18 @@ class Appliance:
             assert time.time() < deadline, f"the {role} backend never became ready; see {self.log_path}"
             time.sleep(0.5)
 
+    def wait_prefetch_idle(self, timeout: float = 120) -> dict:
+        """Poll the SAM backend until its prefetch queue is empty and its cache counters stood still for a second."""
+        deadline, last = time.time() + timeout, None
+        while True:
+            health = self.backend_health("sam")
+            now = (health.get("prefetch_queue"), health["cache"]["misses"], health["cache"]["entries"])
+            if now[0] == 0 and now == last:
+                return health
+            assert time.time() < deadline, f"SAM's prefetch never settled: {health}"
+            last = now
+            time.sleep(1)
+
     def state(self) -> dict:
         try:
             return json.loads((self.data_dir / "state.json").read_text())

@@ -100,7 +100,7 @@ def test_backslash_image_url_never_carries_the_token_elsewhere(studio, attacker,
     retrieve = studio.api("POST", f"/api/dm/actions?id=retrieve_tasks_predictions&project={project}",
                           json={"selectedItems": {"all": False, "included": [task["id"]]}})
     assert retrieve.status_code == 200
-    time.sleep(5)  # the prefetch worker runs in the background
+    studio.wait_prefetch_idle()  # the prefetch the clicks above queued has run (no fixed sleep)
     assert leaked(studio) == []
     assert Recorder.seen == []  # refused before any connection: the URL is ambiguous
 
