@@ -125,8 +125,8 @@ class ImageFetcher:
         try:
             task = int(task_id)
         except (TypeError, ValueError):
-            raise ImageError(f"{uri!r} is in cloud storage: presigning it through Label Studio needs the task's "
-                             f"numeric id, got {task_id!r}") from None
+            raise ImageError(f"{uri!r} is in cloud storage: presigning it through Label Studio needs the task id "
+                             f"(a number), got {task_id!r}") from None
         fileuri = base64.urlsafe_b64encode(uri.encode()).decode()
         return f"{self.base_url}/tasks/{task}/presign/?fileuri={fileuri}"
 
