@@ -139,6 +139,19 @@ def test_export_is_cached_per_checkpoint_and_a_damaged_file_is_exported_again(on
     assert damaged.encoder_name == "openvino"
 
 
+def test_auto_falls_back_to_onnx_runtime_when_openvino_cannot_load(onnx_engine, onnx_dir, monkeypatch):
+    def unsupported(self, path, threads=1):  # what OpenVINO raises on a CPU its plugin does not support
+        raise RuntimeError("Exception from src/inference/src/core.cpp: CPU plugin: unsupported instruction set")
+
+    monkeypatch.setattr(onnx_encoder.OpenVinoEncoder, "__init__", unsupported)
+    engine = SamEngine(device="cpu")
+    engine.use_onnx(onnx_dir)
+    assert engine.encoder_name == "onnxruntime", "auto keeps the CPU engine, not PyTorch"
+    assert cache_path(onnx_dir, engine.checkpoint, engine.model_type).is_file(), "the export is not dropped"
+    with pytest.raises(RuntimeError, match="CPU plugin"):  # asked for by name, OpenVINO's error is the answer
+        SamEngine(device="cpu").use_onnx(onnx_dir, runtime="openvino")
+
+
 def test_failed_export_keeps_the_pytorch_encoder(tmp_path):
     blocked = tmp_path / "not-a-folder"
     blocked.write_text("a file where the cache folder should be")

@@ -83,8 +83,13 @@ def open_encoder(path: Path, threads: int = 1, runtime: str = "auto"):
     """The export at ``path`` on ``runtime`` ("auto": OpenVINO when installed, else ONNX Runtime)."""
     if runtime not in ("auto", *RUNTIMES):
         raise ValueError(f"unknown encoder runtime {runtime!r}; use auto, {' or '.join(RUNTIMES)}")
-    if runtime == "openvino" or (runtime == "auto" and _installed("openvino")):
+    if runtime == "openvino":
         return OpenVinoEncoder(path, threads)
+    if runtime == "auto" and _installed("openvino"):
+        try:
+            return OpenVinoEncoder(path, threads)
+        except Exception as error:  # e.g. a CPU OpenVINO does not support: ONNX Runtime reads the same file
+            log.warning("OpenVINO could not load the SAM encoder (%s); using ONNX Runtime", str(error).splitlines()[0])
     return OnnxEncoder(path, threads)
 
 
