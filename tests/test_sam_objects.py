@@ -143,6 +143,21 @@ def person_seed() -> np.ndarray:
     return seed
 
 
+def test_reach_is_tested_on_the_packed_mask_as_on_the_whole_one_and_off_image_points_wrap_nowhere():
+    from appliance.models.sam.objects import _near, _near_packed
+
+    rng = np.random.default_rng(1)
+    for shape in ((37, 53), (64, 48), (5, 7)):  # widths that do not fill whole bytes
+        mask = rng.random(shape) > 0.97
+        packed = np.packbits(mask)
+        for point in [(-3.0, -3.0), (60.0, 70.0), *rng.uniform(-4, 70, size=(200, 2)).tolist()]:
+            for radius in (0, 2):
+                assert _near_packed(packed, shape, tuple(point), radius) == _near(mask, tuple(point), radius)
+    corner = np.zeros((10, 10), dtype=bool)
+    corner[9, 9] = True
+    assert not _near(corner, (-3.0, -3.0), 1), "a point off the image is near nothing (no wrap-around)"
+
+
 def test_a_click_on_a_pre_annotated_mask_refines_it_from_its_box(engine, embedding):
     segmenter = ObjectSegmenter(engine, EmbeddingCache(64 << 20))
     seed = Seed(person_seed(), 0.7)

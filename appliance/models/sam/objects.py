@@ -72,10 +72,7 @@ class Remembered:
                    + decoded.logits.element_size() * decoded.logits.nelement(), reach)
 
     def mask(self) -> np.ndarray:
-        return self._unpack(self.packed)
-
-    def _unpack(self, packed: np.ndarray) -> np.ndarray:
-        return _unpack(packed, self.shape)
+        return _unpack(self.packed, self.shape)
 
 
 @dataclass
@@ -90,7 +87,7 @@ class SegmentedObject:
         box = self.clicks[0].box
         if box is not None:
             return box[0] - near <= point[0] <= box[2] + near and box[1] - near <= point[1] <= box[3] + near
-        return self.packed_reach is not None and _near(_unpack(self.packed_reach, self.mask.shape), point, near)
+        return self.packed_reach is not None and _near_packed(self.packed_reach, self.mask.shape, point, near)
 
 
 class ObjectSegmenter:
@@ -165,8 +162,22 @@ def _unpack(packed: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 def _near(mask: np.ndarray, point: Point, radius: int) -> bool:
     height, width = mask.shape
     x, y = int(round(point[0])), int(round(point[1]))
-    window = mask[max(0, y - radius):min(height, y + radius + 1), max(0, x - radius):min(width, x + radius + 1)]
+    # clamped both ways: a negative stop would wrap around to the far side of the mask
+    window = mask[max(0, y - radius):max(0, min(height, y + radius + 1)),
+                  max(0, x - radius):max(0, min(width, x + radius + 1))]
     return bool(window.any())
+
+
+def _near_packed(packed: np.ndarray, shape: tuple[int, int], point: Point, radius: int) -> bool:
+    """``_near`` on a bit-packed mask, unpacking only the rows around ``point``."""
+    height, width = shape
+    y = int(round(point[1]))
+    y0, y1 = max(0, y - radius), min(height, y + radius + 1)
+    if y1 <= y0:
+        return False
+    start, stop = y0 * width, y1 * width
+    bits = np.unpackbits(packed[start // 8:(stop + 7) // 8])[start % 8:start % 8 + stop - start]
+    return _near(bits.reshape(y1 - y0, width).astype(bool), (point[0], y - y0), radius)
 
 
 def _touches(mask: np.ndarray, other: np.ndarray, radius: int) -> bool:
