@@ -320,7 +320,7 @@ def test_pre_annotations_come_in_each_template_kind(tmp_path_factory, astronaut)
 
     settings = make_settings(tmp_path_factory.mktemp("kinds-predict"))
     # sam-det with a random head: SAM's real mask decoder makes the masks (the label "Person" matches by name).
-    random_model(settings.models_dir, ["person"], arch="sam-det")  # all 200: a sparser random head can leave no polygon
+    random_model(settings.models_dir, ["person"], arch="sam-det", max_per_img=8, box_px=192)
     client = create_app(PredictBackend(settings)).test_client()
     wait_ready(client)
     task = {"id": 1, "data": {"image": _data_uri(astronaut)}}
