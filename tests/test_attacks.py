@@ -7,7 +7,9 @@ every request it gets. Runs on its own appliance: it adds tasks and storages oth
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sqlite3
 import stat
 import threading
 import time
@@ -157,9 +159,20 @@ def test_label_studio_does_not_call_other_loopback_ports(studio, attacker):
 def test_data_volume_is_private(studio):
     """Finding 6: folders 0700, files 0600, the database and its WAL included."""
     db = studio.data_dir / "label-studio" / "label_studio.sqlite3"
-    assert db.exists() and (studio.data_dir / "label-studio" / "label_studio.sqlite3-wal").exists()
+    # SQLite drops the WAL when the last connection closes (Label Studio's close after each request): a reader held
+    # open here keeps the WAL and shared-memory files there to be checked. SQLite gives them the database's mode,
+    # whichever process creates them.
+    with contextlib.closing(sqlite3.connect(db)) as reader:
+        reader.execute("SELECT count(*) FROM django_migrations").fetchone()
+        assert (db.parent / "label_studio.sqlite3-wal").exists(), "Label Studio's database is not in WAL mode"
+        loose = _loose_modes(studio.data_dir)
+    assert loose == [], loose
+
+
+def _loose_modes(data_dir) -> list[tuple[str, str]]:
+    """Files not 0600 and folders not 0700 under ``data_dir`` (links and sockets aside)."""
     loose = []
-    for folder, dirs, files in os.walk(studio.data_dir):
+    for folder, dirs, files in os.walk(data_dir):
         for name in [folder] + [os.path.join(folder, f) for f in files]:
             info = os.lstat(name)
             if stat.S_ISLNK(info.st_mode) or stat.S_ISSOCK(info.st_mode):
@@ -168,4 +181,4 @@ def test_data_volume_is_private(studio):
             if stat.S_IMODE(info.st_mode) != wanted:
                 loose.append((name, oct(stat.S_IMODE(info.st_mode))))
         dirs[:] = [d for d in dirs if not os.path.islink(os.path.join(folder, d))]
-    assert loose == [], loose
+    return loose
