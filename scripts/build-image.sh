@@ -141,11 +141,28 @@ local_top() {  # the local folder (or file) a path or file:// URL needs mounted;
 # curl (the optional weight downloads) trusts the same CA bundle.
 echo "cacert = $host/ca.crt" >"$home/.curlrc"
 
+# The install layer is about 8 GB, and committing it holds two copies of it for a moment: refuse early, in one line,
+# rather than fail 10 minutes in with "no space left on device".
+store=$("${podman[@]}" info --format '{{.Store.GraphRoot}}')
+need_gb=${APPLIANCE_IMAGE_BUILD_SPACE_GB:-18}
+free_gb=$(( $(df --output=avail -B1 "$store" | tail -n 1) / 1000000000 ))
+if [ "$free_gb" -lt "$need_gb" ]; then
+  echo "[image] $store has $free_gb GB free, the build needs about $need_gb GB: remove unused images" \
+    "('podman image prune', 'podman rmi IMAGE') or free space there" >&2
+  exit 1
+fi
+previous=$("${podman[@]}" image inspect --format '{{.Id}}' "$tag" 2>/dev/null || true)
+
 step "podman build -t $tag (build-time volumes:$(printf ' %s' "${mounts[@]}" | sed 's/ -v / /g; s/:[^ ]*//g'))"
 start=$(date +%s)
 # --format docker: the OCI image format has no HEALTHCHECK (podman would drop the Dockerfile's).
 "${podman[@]}" build --format docker --pull=never --network host "${limits[@]}" "${mounts[@]}" \
   --layers -t "$tag" "${@:2}" "$root"
 end=$(date +%s)
+current=$("${podman[@]}" image inspect --format '{{.Id}}' "$tag")
+# The image this tag named before is now nameless: drop it (8 GB each) unless a container still uses it.
+if [ -n "$previous" ] && [ "$previous" != "$current" ]; then
+  "${podman[@]}" rmi "$previous" >/dev/null 2>&1 && step "removed the image $tag named before (${previous:0:12})" || true
+fi
 size=$("${podman[@]}" image inspect --format '{{.Size}}' "$tag")
 step "built $tag in $((end - start)) s, $((size / 1000000)) MB"
