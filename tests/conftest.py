@@ -37,7 +37,7 @@ def appliance(tmp_path_factory, artifacts) -> Appliance:
     # The trainer test submits a burst of annotations: train after it, small and fast enough for CI.
     env = appliance_env(data_dir, APPLIANCE_LABEL_MAP="circle:Object", APPLIANCE_SCORE_THRESHOLD="0.0",
                         APPLIANCE_TRAIN_MIN_NEW="12", APPLIANCE_TRAIN_QUIET_SECONDS="86400",
-                        APPLIANCE_TRAIN_EPOCHS="40", APPLIANCE_TRAIN_IMG_SIZE="192",
+                        APPLIANCE_TRAIN_EPOCHS="40", APPLIANCE_TRAIN_IMG_SIZE="192", APPLIANCE_TRAIN_THREADS="2",
                         APPLIANCE_ANNOTATORS="Ana@Example.org,bo@example.org")
     app = Appliance(env=env, log_path=artifacts / "appliance.log")
     app.log_path.write_text("")

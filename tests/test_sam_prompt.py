@@ -48,11 +48,15 @@ def _people(file_name: str) -> list[np.ndarray]:
 def trained(tmp_path_factory) -> tuple[Path, Path]:
     from appliance.models.detection.train import train
 
-    torch.set_num_threads(1)
     data = _subset(TRAIN, tmp_path_factory.mktemp("person-data"))
     store = tmp_path_factory.mktemp("embeddings")
     out = tmp_path_factory.mktemp("sam-prompt-model")
-    train(data, ["person"], out, arch="sam-prompt", epochs=20, batch_size=2, device="cpu", embedding_store=store)
+    threads = torch.get_num_threads()
+    try:  # both cores for the run (SAM decodes most of it), then the rest of the suite's setting back
+        train(data, ["person"], out, arch="sam-prompt", epochs=20, batch_size=2, device="cpu", embedding_store=store,
+              threads=2)
+    finally:
+        torch.set_num_threads(threads)
     return out, store
 
 

@@ -79,7 +79,9 @@ def synthetic_build(train: Path, holdout: Path):
 
 def trainer_for(tmp_path: Path, build, embeddings: Path | None = None, **env: str) -> Trainer:
     settings = load_settings({"APPLIANCE_DATA_DIR": str(tmp_path), "APPLIANCE_TRAIN_EPOCHS": str(EPOCHS),
-                              "APPLIANCE_TRAIN_IMG_SIZE": "160", "APPLIANCE_REPREDICT": "false", **env})
+                              "APPLIANCE_TRAIN_IMG_SIZE": "160", "APPLIANCE_REPREDICT": "false",
+                              # nothing else runs beside these runs: both cores (SAM decodes most of a run)
+                              "APPLIANCE_TRAIN_THREADS": "2", **env})
     if embeddings is not None and not settings.embeddings_dir.exists():
         settings.embeddings_dir.parent.mkdir(parents=True, exist_ok=True)
         settings.embeddings_dir.symlink_to(embeddings)
