@@ -12,6 +12,7 @@ also hold the few whose submit lost its answer to a killed program: stored once,
 
     python scripts/soak.py --start                       # a throwaway appliance on a temporary volume
     python scripts/soak.py --annotators 2 --seconds 30   # against the appliance the environment describes
+    python scripts/soak.py --start --calm 20             # first 20 s without faults, where no request may fail
 
 Against an existing appliance it ADDS annotations to its project: use a throwaway one. Not part of `make test`.
 """
@@ -215,7 +216,7 @@ def report(stats: Stats, kills: dict, check: dict, seconds: float, annotators: i
     for name, result in kills.items():
         lines.append(f"| {name} | {result.get('recovery_s', result.get('error'))}"
                      f"{'' if result.get('recovered', True) else ' (NOT recovered)'} |")
-    lines += ["", "errors by kind:"] + [f"  {k}: {v}" for k, v in sorted(stats.error_kinds.items())] or ["  none"]
+    lines += ["", "errors by kind:"] + ([f"  {k}: {v}" for k, v in sorted(stats.error_kinds.items())] or ["  none"])
     lines += ["", f"annotations acknowledged (201): {check['submitted']}",
               f"in Label Studio: {check['studio']}   in the journal: {check['journal']}",
               f"lost (acknowledged, not in Label Studio): {check['lost_in_studio']}",
@@ -262,8 +263,24 @@ def run(target: Target, annotators: int, seconds: float, programs: list[str]) ->
     # lost): Label Studio may hold at most that many annotations nobody saw acknowledged.
     check["ok"] = not check["lost_in_studio"] and not check["missing_in_journal"] and \
         len(studio_ids) == len(journal_ids) and len(check["unacknowledged"]) <= stats.errors.get("submit", 0)
-    return report(stats, kills, check, load_seconds, annotators), check["ok"] and all(
-        k.get("recovered") for k in kills.values())
+    text = report(stats, kills, check, load_seconds, annotators)
+    if not programs:  # nothing was killed: a single failed request is a failure
+        text += f"\nno errors without faults: {'FAIL' if stats.errors else 'PASS'}"
+        return text, check["ok"] and not stats.errors
+    return text, check["ok"] and all(k.get("recovered") for k in kills.values())
+
+
+def session(target: Target, args: argparse.Namespace, programs: list[str]) -> tuple[str, bool]:
+    """The calm phase (load, no faults, no error allowed) when asked for, then the load with its kills."""
+    texts, ok = [], True
+    if args.calm:
+        text, ok = run(target, args.annotators, args.calm, [])
+        texts.append("## load without faults\n\n" + text)
+    if programs or not args.calm:
+        text, faults_ok = run(target, args.annotators, args.seconds, programs)
+        texts.append(("## load while each program is killed\n\n" if programs else "") + text)
+        ok = ok and faults_ok
+    return "\n\n".join(texts), ok
 
 
 def target_from_env() -> Target:
@@ -280,16 +297,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--annotators", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--programs", default=",".join(PROGRAMS), help="programs to kill, in order ('' for none)")
+    parser.add_argument("--calm", type=float, default=0,
+                        help="first this many seconds of load without faults, where any error fails the soak")
     parser.add_argument("--start", action="store_true", help="start a throwaway appliance on a temporary volume")
     args = parser.parse_args(argv)
-    if not 1 <= args.annotators <= 64 or not 1 <= args.seconds <= 3600:
-        parser.error("--annotators must be 1..64 and --seconds 1..3600")
+    if not 1 <= args.annotators <= 64 or not 1 <= args.seconds <= 3600 or not 0 <= args.calm <= 3600:
+        parser.error("--annotators must be 1..64, --seconds 1..3600 and --calm 0..3600")
     programs = [p.strip() for p in args.programs.split(",") if p.strip()]
     unknown = set(programs) - set(PROGRAMS)
     if unknown:
         parser.error(f"unknown program(s) {sorted(unknown)}; choose from {', '.join(PROGRAMS)}")
     if not args.start:
-        text, ok = run(target_from_env(), args.annotators, args.seconds, programs)
+        text, ok = session(target_from_env(), args, programs)
         print(text)
         return 0 if ok else 1
     sys.path.insert(0, str(ROOT / "tests"))
@@ -313,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
             while not requests.get(f"{target.sam_url}/health", auth=target.backend_auth, timeout=5).json().get(
                     "ready") and time.time() < deadline:
                 time.sleep(1)
-            text, ok = run(target, args.annotators, args.seconds, programs)
+            text, ok = session(target, args, programs)
             print(text)
             return 0 if ok else 1
         finally:
