@@ -150,6 +150,8 @@ def test_auto_falls_back_to_onnx_runtime_when_openvino_cannot_load(onnx_engine, 
     assert cache_path(onnx_dir, engine.checkpoint, engine.model_type).is_file(), "the export is not dropped"
     with pytest.raises(RuntimeError, match="CPU plugin"):  # asked for by name, OpenVINO's error is the answer
         SamEngine(device="cpu").use_onnx(onnx_dir, runtime="openvino")
+    # ... and the sound export stays for the next start (ONNX Runtime reads it: the runtime failed, not the file).
+    assert cache_path(onnx_dir, engine.checkpoint, engine.model_type).is_file()
 
 
 def test_failed_export_keeps_the_pytorch_encoder(tmp_path):

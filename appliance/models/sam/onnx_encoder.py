@@ -140,5 +140,15 @@ def load_or_export(image_encoder: torch.nn.Module, image_size: int, checkpoint: 
     try:
         return open_encoder(path, threads, runtime)
     except Exception:
-        path.unlink(missing_ok=True)  # a damaged cache file: the next start exports again
-        raise
+        if not _readable(path, threads):  # a damaged cache file: the next start exports again
+            path.unlink(missing_ok=True)
+        raise  # else the file is sound and the runtime is at fault (a forced OpenVINO on an unsupported CPU)
+
+
+def _readable(path: Path, threads: int) -> bool:
+    """Whether ONNX Runtime, the reference reader of the format, loads the export."""
+    try:
+        OnnxEncoder(path, threads)
+    except Exception:
+        return False
+    return True
