@@ -21,7 +21,7 @@ import requests
 from playwright.sync_api import Error as PlaywrightError
 
 from harness import Appliance, appliance_env, brush_mask
-from synthetic import make_dataset
+from random_model import random_model
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
@@ -42,15 +42,10 @@ def studio(tmp_path_factory, artifacts):
 
 
 @pytest.fixture(scope="module")
-def serving_version(studio, tmp_path_factory) -> str:
-    """A tiny model (two training iterations) published to the registry, served by the prediction backend."""
-    from appliance.models.detection.train import train
-    from appliance.models.registry import ModelRegistry
-
-    root = tmp_path_factory.mktemp("model")
-    make_dataset(root / "data", 8, ["Person", "Object"], seed=3)
-    model = train(root / "data", ["Person", "Object"], root / "model", epochs=1, batch_size=4, img_size=160)
-    version = ModelRegistry(studio.data_dir / "models").publish(Path(model), {})
+def serving_version(studio) -> str:
+    """A model with random weights (the UI path needs a served version, not a good one), published to the
+    registry and served by the prediction backend."""
+    version = random_model(studio.data_dir / "models", ["Person", "Object"], max_per_img=10)
     url = f"{studio.backend_url('predict')}/health"
     auth = studio.backend_auth
     deadline = time.time() + 120
