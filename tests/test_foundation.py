@@ -133,25 +133,18 @@ def counts(appliance) -> dict[str, int]:
     }
 
 
-def test_restart_stops_gracefully_and_duplicates_nothing(appliance):
+def test_restart_stops_gracefully_duplicates_nothing_and_reconnects_a_backend_on_a_new_port(appliance):
+    from harness import free_port
+
     before = counts(appliance)
     secrets = appliance.secrets()
     assert appliance.stop() == 0
+    appliance.env["APPLIANCE_SAM_PORT"] = str(free_port())
     appliance.start()
     assert counts(appliance) == before
     assert appliance.secrets() == secrets
     for value in secrets.values():
         assert value not in appliance.log_text()
-
-
-def test_a_backend_on_a_new_port_is_reconnected_not_duplicated(appliance):
-    from harness import free_port
-
-    before = counts(appliance)
-    assert appliance.stop() == 0
-    appliance.env["APPLIANCE_SAM_PORT"] = str(free_port())
-    appliance.start()
-    assert counts(appliance) == before
     backends = appliance.api("GET", f"/api/ml?project={appliance.state()['project_id']}").json()
     sam = next(b for b in backends if "SAM" in b["title"])
     assert sam["url"] == appliance.backend_url('sam') and sam["state"] == "CO"
