@@ -141,10 +141,11 @@ local_top() {  # the local folder (or file) a path or file:// URL needs mounted;
 # curl (the optional weight downloads) trusts the same CA bundle.
 echo "cacert = $host/ca.crt" >"$home/.curlrc"
 
-# The install layer is about 8 GB; committing it took 29 GB at its peak (the container, the diff, the new layer).
+# The install layer is about 8 GB; committing it took 29 GB at its peak (the container, the diff, the new layer;
+# sampled every 20 s, so a little more).
 # Refuse early, in one line, rather than fail 10 minutes in with "no space left on device".
 store=$("${podman[@]}" info --format '{{.Store.GraphRoot}}')
-need_gb=${APPLIANCE_IMAGE_BUILD_SPACE_GB:-30}
+need_gb=${APPLIANCE_IMAGE_BUILD_SPACE_GB:-32}
 free_gb=$(( $(df --output=avail -B1 "$store" | tail -n 1) / 1000000000 ))
 if [ "$free_gb" -lt "$need_gb" ]; then
   echo "[image] $store has $free_gb GB free, the build needs about $need_gb GB: remove unused images" \
