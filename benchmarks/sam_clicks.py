@@ -9,6 +9,8 @@ then the same clicks.
     bare       mobile_sam's SamPredictor in this process: the first click with multimask_output (best score kept),
                each next one with the previous low-resolution logits as mask_input (SAM's own protocol)
     previous   the appliance's decoder before it kept each object's mask: all clicks, no mask_input (in-process)
+    rules      the SAM backend's click rules (appliance.models.sam.objects.ObjectSegmenter) in this process, with
+               its CPU encoder: what the appliance answers, without HTTP (alone with --no-studio: a quick check)
     appliance  `appliance up` on a fresh volume with the images in its images folder; each click is POSTed to Label
                Studio's /api/ml/{id}/interactive-annotating with all the object's clicks so far, as the editor
                does; the object is the first mask returned (a second one means the backend split the object)
@@ -18,12 +20,13 @@ IoU stays flat below 0.85 for 3 clicks in a row where the bare model's does not 
 p50/p95 (the appliance's through Label Studio, with the embedding cached: one unmeasured click per image first).
 
     OMP_WAIT_POLICY=PASSIVE .venv/app/bin/python benchmarks/sam_clicks.py [--data nuclei|coco-ccby] [--box]
-        [--images 6] [--objects 12] [--max-clicks 10] [--threads 2] [--json out.json]
+        [--images 6] [--objects 12] [--max-clicks 10] [--threads 2] [--no-studio] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -126,6 +129,31 @@ class Previous:
         return self.engine.segment(self.embedding, points, labels, box)[0]
 
 
+class Segmenter:
+    """The SAM backend's click rules in this process (appliance.models.sam.objects, its CPU encoder): the first
+    object's mask, as the editor shows it. The same answers as through Label Studio, minus HTTP."""
+
+    def __init__(self, threads: int) -> None:
+        from appliance.models.sam.cache import EmbeddingCache
+        from appliance.models.sam.engine import SamEngine
+        from appliance.models.sam.objects import ObjectSegmenter
+
+        self.engine = SamEngine(device="cpu")
+        with contextlib.suppress(Exception):  # as the backend: PyTorch stays where the export fails
+            self.engine.use_onnx(None, threads=threads)
+        self.segmenter = ObjectSegmenter(self.engine, EmbeddingCache(1 << 30))
+        self.images = 0
+
+    def image(self, rgb: np.ndarray) -> None:
+        self.embedding, self.images = self.engine.embed(rgb), self.images + 1
+
+    def segment(self, clicks) -> np.ndarray:
+        from appliance.models.sam.objects import Click
+
+        prompts = [Click(box=p) if positive is None else Click(point=p, positive=positive) for p, positive in clicks]
+        return self.segmenter.segment(self.embedding, str(self.images), prompts)[0].mask
+
+
 class ThroughStudio:
     def __init__(self, app: Appliance, task: dict, size: tuple[int, int]) -> None:
         self.app, self.task, (self.height, self.width) = app, task, size
@@ -202,12 +230,18 @@ def run(args) -> dict:
     images, masks = truth(data)
     picked = pick(images, masks, args.images, args.objects, MIN_AREA[args.data])
     bare, bare_rows, previous, previous_rows = Bare(), [], Previous(), []
+    rules, rules_rows = Segmenter(args.threads), []
     for name, objects in picked.items():
         rgb = cv2.cvtColor(cv2.imread(str(data / "images" / name)), cv2.COLOR_BGR2RGB)
-        bare.image(rgb)
-        bare_rows += [annotate(bare.segment, m, args.max_clicks, args.box) for m in objects]
-        previous.image(rgb)
-        previous_rows += [annotate(previous.segment, m, args.max_clicks, args.box) for m in objects]
+        for system, rows in ((bare, bare_rows), (previous, previous_rows), (rules, rules_rows)):
+            system.image(rgb)
+            rows += [annotate(system.segment, m, args.max_clicks, args.box) for m in objects]
+    result = {"bare": summary(bare_rows, args.max_clicks),
+              "previous": summary(previous_rows, args.max_clicks, bare_rows),
+              "rules": summary(rules_rows, args.max_clicks, bare_rows), "data": args.data, "box": args.box,
+              "splits": 0, "images": list(picked), "max_clicks": args.max_clicks}
+    if args.no_studio:
+        return result
 
     workdir = Path(tempfile.mkdtemp(prefix="sam-clicks-"))
     env = appliance_env(workdir, APPLIANCE_LABEL_CONFIG=TEMPLATE, APPLIANCE_SAMPLE_IMAGES="false",
@@ -232,10 +266,7 @@ def run(args) -> dict:
     finally:
         app.stop()
         shutil.rmtree(workdir, ignore_errors=True)
-    return {"bare": summary(bare_rows, args.max_clicks),
-            "previous": summary(previous_rows, args.max_clicks, bare_rows),
-            "appliance": summary(studio_rows, args.max_clicks, bare_rows), "data": args.data, "box": args.box,
-            "splits": splits, "images": list(picked), "max_clicks": args.max_clicks}
+    return {**result, "appliance": summary(studio_rows, args.max_clicks, bare_rows), "splits": splits}
 
 
 def _wait_ready(studio: ThroughStudio, mask: np.ndarray, timeout: float = 300) -> None:
@@ -252,15 +283,18 @@ def _wait_ready(studio: ThroughStudio, mask: np.ndarray, timeout: float = 300) -
 
 
 def table(result: dict) -> str:
-    bare, ours = result["bare"], result["appliance"]
+    bare, ours = result["bare"], result.get("appliance", result["rules"])
     start = "a box, then clicks" if result["box"] else "clicks"
     lines = [f"{result['data']}: {bare['objects']} objects on {len(result['images'])} images, {start}, up to "
              f"{result['max_clicks']} clicks; clicks the appliance answered with more than one mask: "
              f"{result['splits']}", "",
              "| system | mIoU@1 | mIoU@3 | NoC@85 | NoC@90 | stuck | click p50 ms | click p95 ms |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for name, row in (("bare SamPredictor", bare), ("previous appliance decoder (no mask_input, in-process)",
-                                                     result["previous"]), ("appliance via Label Studio", ours)):
+    systems = [("bare SamPredictor", bare), ("previous appliance decoder (no mask_input, in-process)",
+                                             result["previous"]),
+               ("the appliance's click rules in-process (ObjectSegmenter)", result["rules"])]
+    systems += [("appliance via Label Studio", result["appliance"])] if "appliance" in result else []
+    for name, row in systems:
         lines.append(f"| {name} | {row['mIoU@1']:.3f} | {row['mIoU@3']:.3f} | {row['NoC@85']:.2f} | "
                      f"{row['NoC@90']:.2f} | {row['stuck']} | {row['p50_ms']:.0f} | {row['p95_ms']:.0f} |")
     lines.append("| appliance / bare | " + " | ".join(
@@ -276,6 +310,8 @@ def main() -> None:
     parser.add_argument("--objects", type=int, default=12, help="objects per image (a seeded random sample)")
     parser.add_argument("--max-clicks", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-studio", action="store_true",
+                        help="the click rules in-process only: no appliance, no Label Studio (a quick check)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     result = run(args)

@@ -10,6 +10,8 @@ on each click). They are split into objects, one mask each:
   for that object's first click (part, larger part, whole: where the object may extend), or its box when a box
   started it. The annotator's next click on a half-found object lands in its missed part, which SAM's first mask
   may not touch (a person's legs below a coat); such a click refines it instead of leaving it stuck;
+- a positive click beyond all that refines the newest object when, decoded as that object's next click, it grows
+  the object into one blob that keeps its mask (a couch's far arm); a second object comes back as a blob of its own;
 - otherwise the click starts a new object: a second object away from the first is never glued to it. Objects that
   touch or lie within each other's reach are told apart explicitly: accept the pending masks (Label Studio then
   drops its pending keypoints, so the next click starts afresh) or draw a box;
@@ -36,6 +38,7 @@ from .engine import Box, Decoded, Embedding, Point, PromptError, SamEngine
 from .seeds import Seed, seed_at
 
 NEAR_FRACTION = 0.01  # "near a mask": within 1% of the image's longer side
+GROW_KEEPS, GROW_AT_MOST = 0.8, 4.0  # a click beyond reach grows an object keeping 80% of it, at most 4x its area
 
 
 @dataclass(frozen=True)
@@ -137,7 +140,24 @@ class ObjectSegmenter:
         for obj in reversed(objects):
             if _touches(alone.mask, obj.mask, near):
                 return obj
-        return objects[-1] if objects[-1].within_reach(click.point, near) else None
+        newest = objects[-1]
+        if newest.within_reach(click.point, near) or self._grows(embedding, image_key, newest, click):
+            return newest
+        return None
+
+    def _grows(self, embedding: Embedding, image_key: str, obj: SegmentedObject, click: Click) -> bool:
+        """Whether the click, decoded as ``obj``'s next one, grows it into one blob reaching the click that keeps most
+        of its mask: a missed part beyond its reach (a person's far arm). A second object comes back as a blob of its
+        own, or swallows the first. The decode is remembered, so refining costs nothing more."""
+        refined = self._decode(embedding, image_key, obj.clicks + (click,), obj).mask
+        old = obj.mask.sum()
+        if not old or (refined & obj.mask).sum() < GROW_KEEPS * old or refined.sum() > GROW_AT_MOST * old:
+            return False
+        count, blobs = cv2.connectedComponents(refined.astype(np.uint8), connectivity=8)
+        x, y = int(round(click.point[0])), int(round(click.point[1]))
+        if not (0 <= y < blobs.shape[0] and 0 <= x < blobs.shape[1]) or blobs[y, x] == 0:
+            return False
+        return bool((obj.mask & (blobs == blobs[y, x])).sum() >= GROW_KEEPS * old)
 
     def _decode(self, embedding: Embedding, image_key: str, clicks: tuple[Click, ...],
                 previous: SegmentedObject | None) -> SegmentedObject:
