@@ -10,8 +10,8 @@ benchmarks/project_sim.py use the same cost model (appliance.models.detection.co
 Printed per object size (COCO's small < 32x32 px, medium < 96x96, large): objects, SAM's clicks alone, objects that
 never reach IoU 0.85 in 20 clicks, objects the perfect detector gets kept, and the actions with and without it.
 
-    OMP_WAIT_POLICY=PASSIVE .venv/app/bin/python benchmarks/cost_ceiling.py --data ../shared/data/coco-ccby \
-        --label person [--photos 21-] [--step 1] [--json out.json]
+    OMP_WAIT_POLICY=PASSIVE .venv/app/bin/python benchmarks/cost_ceiling.py --data coco-ccby --label person \
+        [--photos 21-] [--step 1] [--json out.json]
 """
 
 from __future__ import annotations
@@ -77,13 +77,13 @@ def table(lines: list[dict]) -> str:
 
 
 def main() -> None:
-    import learning_curve
+    import project_sim
     import torch
 
     from appliance.models.sam.engine import SamEngine
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=learning_curve.DATA)
+    parser.add_argument("--data", default="coco-ccby", choices=["coco-ccby", "nuclei"], help="a set in ../shared/data")
     parser.add_argument("--label", help="one class (default: the set's first); 'all' for every class")
     parser.add_argument("--photos", default="21-", help="1-based photo range scored (21-: the learning curve's)")
     parser.add_argument("--step", type=int, default=1, help="every k-th photo of the range only")
@@ -92,46 +92,23 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
-    coco, images, label = _load(learning_curve, args.data.resolve(), args.label)
-    first, last = (int(v) if v else len(images) for v in args.photos.split("-"))
-    scored = images[first - 1:last:args.step]
+    folder = project_sim.SHARED / args.data
+    label = args.label or json.loads((folder / "annotations.json").read_text())["categories"][0]["name"]
+    photos, objects = project_sim.project(args.data, label, 0)  # the photos holding the label, file order
+    first, last = (int(v) if v else len(photos) for v in args.photos.split("-"))
+    scored = photos[first - 1:last:args.step]
     engine = SamEngine(device="cpu")
     engine.use_onnx(None, threads=args.threads)
     began, rows = time.monotonic(), []
     for info in scored:
-        image = np.asarray(Image.open(args.data / "images" / info["file_name"]).convert("RGB"))
-        rows += measure(engine, image, _masks(coco, info))
+        image = np.asarray(Image.open(folder / "images" / info["file_name"]).convert("RGB"))
+        rows += measure(engine, image, [mask for _, mask in objects[info["file_name"]]])
     lines = summarise(rows, len(scored))
-    print(f"\n{args.data.name} '{label}', photos {first}-{last}" + (f" every {args.step}th" if args.step > 1 else "")
+    print(f"\n{args.data} '{label}', photos {first}-{last}" + (f" every {args.step}th" if args.step > 1 else "")
           + f" ({len(scored)} photos, {time.monotonic() - began:.0f} s):\n")
     print(table(lines))
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "summary": lines}, indent=1))
-
-
-def _load(learning_curve, data: Path, label: str | None) -> tuple[dict, list[dict], str]:
-    if label != "all":
-        return learning_curve.load(data, label)
-    coco = json.loads((data / "annotations.json").read_text())
-    anns = [a for a in coco["annotations"] if not a.get("iscrowd")]
-    holding = {a["image_id"] for a in anns}
-    images = sorted((i for i in coco["images"] if i["id"] in holding), key=lambda i: i["file_name"])
-    return {**coco, "annotations": anns}, images, "all"
-
-
-def _masks(coco: dict, info: dict) -> list[np.ndarray]:
-    from pycocotools import mask as mask_utils
-
-    masks = []
-    for ann in coco["annotations"]:
-        if ann["image_id"] == info["id"]:
-            segmentation = ann["segmentation"]
-            if not isinstance(segmentation, dict):  # polygons
-                segmentation = mask_utils.merge(mask_utils.frPyObjects(segmentation, info["height"], info["width"]))
-            mask = mask_utils.decode(segmentation).astype(bool)
-            if mask.any():
-                masks.append(mask)
-    return masks
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 from pathlib import Path
 
 import numpy as np
@@ -126,19 +125,19 @@ def test_a_click_on_the_missed_part_of_a_half_found_object_refines_it(engine):
 
 def coco_object(file_name: str, annotation_id: int) -> tuple[np.ndarray, np.ndarray]:
     """A photo of ../shared/data/coco-ccby (RGB) and one object's true mask."""
+    import contextlib
+
     import cv2
-    from pycocotools import mask as coco_mask
+    from pycocotools.coco import COCO
 
     folder = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco-ccby"
     assert (folder / "annotations.json").is_file(), f"{folder} missing: the real-image sets live in ../shared/data"
-    coco = json.loads((folder / "annotations.json").read_text())
-    image = next(i for i in coco["images"] if i["file_name"] == file_name)
-    annotation = next(a for a in coco["annotations"] if a["id"] == annotation_id and a["image_id"] == image["id"])
-    segmentation = annotation["segmentation"]  # compressed RLE in this set
-    if not isinstance(segmentation, dict) or not isinstance(segmentation["counts"], str):
-        segmentation = coco_mask.merge(coco_mask.frPyObjects(segmentation, image["height"], image["width"]))
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO(str(folder / "annotations.json"))
+    annotation = coco.anns[annotation_id]
+    assert coco.imgs[annotation["image_id"]]["file_name"] == file_name
     rgb = cv2.cvtColor(cv2.imread(str(folder / "images" / file_name)), cv2.COLOR_BGR2RGB)
-    return rgb, coco_mask.decode(segmentation).astype(bool)
+    return rgb, coco.annToMask(annotation).astype(bool)
 
 
 def test_a_click_beyond_reach_that_grows_the_object_into_one_blob_refines_it(engine):

@@ -153,7 +153,7 @@ class ObjectSegmenter:
         old = obj.mask.sum()
         if not old or (refined & obj.mask).sum() < GROW_KEEPS * old or refined.sum() > GROW_AT_MOST * old:
             return False
-        count, blobs = cv2.connectedComponents(refined.astype(np.uint8), connectivity=8)
+        _, blobs = cv2.connectedComponents(refined.astype(np.uint8), connectivity=8)
         x, y = int(round(click.point[0])), int(round(click.point[1]))
         if not (0 <= y < blobs.shape[0] and 0 <= x < blobs.shape[1]) or blobs[y, x] == 0:
             return False
