@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from pycocotools.coco import COCO
 
-from appliance.models.sam import onnx_encoder
+from appliance.models.sam import onnx_encoder, point_decoder
 from appliance.models.sam.engine import SamEngine
 from appliance.models.sam.onnx_encoder import cache_path
 
@@ -178,3 +178,49 @@ def test_the_install_exports_the_bundled_encoder(tmp_path, monkeypatch):
     assert engine.encoder_name == "openvino"
     assert engine._encoder.path.parent == installed, "the installed export is used"
     assert not (tmp_path / "cache").exists(), "nothing exported on the data volume"
+
+
+@pytest.mark.parametrize("dataset", ["nuclei", "coco-ccby"])
+def test_point_decoder_on_onnx_runtime_gives_sams_own_candidates(torch_engine, tmp_path, dataset):
+    # sam-prompt decodes tens of single points per image (training and serving) through point_decoder: its export
+    # on ONNX Runtime must give SAM's own mask decoder's three candidates per point.
+    sam = torch_engine.model
+    exported = point_decoder.OnnxPointDecoder(point_decoder.export(sam, tmp_path / "points.onnx"), threads=2)
+    pe, no_mask = sam.prompt_encoder.get_dense_pe(), sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+    ious, compared = [], 0
+    for rgb, masks in real_objects(dataset):
+        embedding = torch_engine.embed(rgb)
+        scale = embedding.input_size[0] / embedding.original_size[0]
+        points = torch.tensor([interior_point(m) for m in masks]) * scale
+        with torch.no_grad():
+            sparse = point_decoder.positive_points(sam.prompt_encoder, points)
+            reference, reference_iou = sam.mask_decoder(
+                image_embeddings=embedding.features, image_pe=pe, sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=no_mask.expand(len(points), -1, *pe.shape[-2:]), multimask_output=True)
+        logits, predicted_iou = exported(embedding.features, sparse)
+        assert logits.shape == reference.shape == (len(points), 3, 256, 256)
+        assert float((predicted_iou - reference_iou).abs().max()) < 1e-3
+        for mine, theirs in zip(logits.flatten(0, 1) > 0, reference.flatten(0, 1) > 0):
+            if theirs.sum() > 20:
+                compared += 1
+                ious.append(iou(mine.numpy(), theirs.numpy()))
+    assert compared >= 3 * IMAGES_PER_SET, "too few non-empty candidates to compare"
+    assert min(ious) >= 0.99, f"per-candidate IoU ONNX Runtime vs SAM's decoder: {sorted(ious)[:5]}"
+
+
+def test_the_install_exports_the_point_decoder_and_sam_prompt_uses_it(monkeypatch):
+    from appliance.models.detection.samdet import sam_parts
+
+    installed = Path(sys.prefix) / "share" / "appliance" / "onnx"
+    monkeypatch.setattr(onnx_encoder, "INSTALLED_DIR", installed)
+    sam_parts._load.cache_clear()
+    try:
+        sam = sam_parts.load_sam()
+        decoder = sam_parts._point_decoders.get(sam.mask_decoder)
+        assert isinstance(decoder, point_decoder.OnnxPointDecoder) and decoder.path.parent == installed
+        features = torch.as_tensor(sam_parts.encode(sam, np.full((48, 64, 3), 128, np.uint8)))[None]
+        logits, scores = sam_parts.point_masks(sam.prompt_encoder, sam.mask_decoder, features,
+                                               torch.tensor([[500.0, 380.0]] * 9))
+        assert logits.shape == (27, 256, 256) and scores.shape == (27,), "9 points in two chunks, 3 masks each"
+    finally:
+        sam_parts._load.cache_clear()

@@ -99,23 +99,30 @@ def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def cache_path(cache_dir: Path, checkpoint: Path, model_type: str) -> Path:
-    """Where the export of ``checkpoint`` lives: one file per checkpoint content, model type and torch release."""
+def cache_path(cache_dir: Path, checkpoint: Path, model_type: str, part: str = "encoder") -> Path:
+    """Where the export of ``checkpoint``'s ``part`` lives: one file per checkpoint content, model type, torch
+    release and part (the image encoder, or point_decoder.PART)."""
     digest = file_sha256(checkpoint)[:16]
-    return Path(cache_dir) / f"sam-{model_type}-{digest}-torch{torch.__version__.split('+')[0]}-encoder.onnx"
+    return Path(cache_dir) / f"sam-{model_type}-{digest}-torch{torch.__version__.split('+')[0]}-{part}.onnx"
 
 
 def export(image_encoder: torch.nn.Module, image_size: int, path: Path) -> Path:
     """Export ``image_encoder`` to ``path`` atomically (processes exporting at once each write a whole file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     dummy = torch.zeros(1, 3, image_size, image_size)
+    return export_module(image_encoder, (dummy,), path, input_names=["pixels"], output_names=["features"])
+
+
+def export_module(module: torch.nn.Module, example: tuple, path: Path, input_names: list[str],
+                  output_names: list[str], dynamic_axes: dict | None = None) -> Path:
+    """Trace ``module`` on ``example`` into an ONNX file at ``path``, written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     os.close(fd)
     try:
         with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
-            warnings.simplefilter("ignore")  # tracer warnings about Python-side shape checks in the encoder
-            torch.onnx.export(image_encoder, (dummy,), tmp, dynamo=False, opset_version=OPSET,
-                              input_names=["pixels"], output_names=["features"])
+            warnings.simplefilter("ignore")  # tracer warnings about Python-side shape checks in SAM's code
+            torch.onnx.export(module, example, tmp, dynamo=False, opset_version=OPSET, input_names=input_names,
+                              output_names=output_names, dynamic_axes=dynamic_axes)
         os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide it from a service running as another user
         os.replace(tmp, path)
     finally:

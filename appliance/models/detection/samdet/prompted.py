@@ -128,21 +128,19 @@ class SamPromptDetector(BaseDetector):
         if not points:
             zeros = torch.zeros((0, LOW_RES, LOW_RES), device=embedding.device)
             return {"logits": zeros, "masks": zeros.bool(), "iou": zeros[:, 0, 0], "stability": zeros[:, 0, 0],
-                    "index": zeros[:, 0, 0]}
+                    "index": zeros[:, 0, 0], **_cover(zeros.bool())}
         logits, iou = self.sam_decoder.points(embedding, torch.tensor(points, device=embedding.device))
         stability = (logits > 1).sum((1, 2)).float() / (logits > -1).sum((1, 2)).float().clamp(min=1)
         index = torch.arange(3, device=logits.device).repeat(len(points)).float()
         masks = logits > 0
         keep = (masks.sum((1, 2)) >= 4) & (iou >= 0.5)
         return {"logits": logits[keep], "masks": masks[keep], "iou": iou[keep], "stability": stability[keep],
-                "index": index[keep]}
+                "index": index[keep], **_cover(masks[keep])}
 
     def _features(self, candidates: dict, embedding: torch.Tensor, heat: torch.Tensor,
                   geometry: "_Geometry") -> torch.Tensor:
-        cover = F.adaptive_avg_pool2d(candidates["masks"].float()[:, None], GRID)[:, 0]  # n x 64 x 64
-        area = cover.sum((1, 2)).clamp(min=1e-3)
+        cover, area, around = candidates["cover"], candidates["area"], candidates["around"]
         pooled = self.norm(torch.einsum("nhw,chw->nc", cover, embedding) / area[:, None])
-        around = (F.max_pool2d(cover[:, None], 9, 1, 4)[:, 0] - cover).clamp(min=0)
         heat_in = torch.einsum("nhw,chw->nc", cover, heat) / area[:, None]
         heat_around = torch.einsum("nhw,chw->nc", around, heat) / around.sum((1, 2)).clamp(min=1e-3)[:, None]
         extra = torch.stack([candidates["iou"], candidates["stability"], heat_in.max(1).values,
@@ -150,6 +148,14 @@ class SamPromptDetector(BaseDetector):
                              candidates["index"] / 2], 1)
         return torch.cat([pooled, extra, heat_in, heat_around], 1)
 
+
+
+def _cover(masks: torch.Tensor) -> dict:
+    """Where each candidate mask lies on the embedding's 64x64 cells (its share of each), its area in cells and the
+    ring of cells around it: the scorer's pooling weights, computed once per candidate."""
+    cover = F.adaptive_avg_pool2d(masks.float()[:, None], GRID)[:, 0]
+    around = (F.max_pool2d(cover[:, None], 9, 1, 4)[:, 0] - cover).clamp(min=0)
+    return {"cover": cover, "area": cover.sum((1, 2)).clamp(min=1e-3), "around": around}
 
 class _Geometry:
     """Where the image lies in SAM's padded 1024 input, in the decoder's 256 and the embedding's 64 frames."""

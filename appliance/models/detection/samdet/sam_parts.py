@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from appliance.models.sam.engine import build_model, encoder_input
+from appliance.models.sam import point_decoder
 from appliance.models.sam.onnx_encoder import load_or_export
 from appliance.models.sam.weights import checkpoint_path
 
@@ -21,6 +22,8 @@ EMBED_STRIDE = 16  # SAM's image encoder: 1024x1024 input -> 64x64 embedding
 _lock = threading.Lock()
 # The install's ONNX export of a loaded model's image encoder on a CPU engine (same features, faster).
 _onnx: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# Per loaded model's mask decoder: the install's export of its point decoder on ONNX Runtime (the same masks).
+_point_decoders: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @functools.lru_cache(maxsize=2)
@@ -35,6 +38,9 @@ def _load(model_type: str, checkpoint: str | None) -> torch.nn.Module:
         pass
     except Exception as error:  # PyTorch's encoder gives the same features
         log.warning("SAM encoder stays on PyTorch: %s", str(error).splitlines()[0] if str(error) else error)
+    exported = point_decoder.installed(path, model_type, torch.get_num_threads())
+    if exported is not None:
+        _point_decoders[model.mask_decoder] = exported
     return model.eval()
 
 
@@ -91,18 +97,18 @@ def box_masks(prompt_encoder: torch.nn.Module, mask_decoder: torch.nn.Module, fe
 
 
 def point_masks(prompt_encoder: torch.nn.Module, mask_decoder: torch.nn.Module, features: torch.Tensor,
-                points: torch.Tensor, chunk: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """SAM's multimask output for each positive point: (3N x 256 x 256 low-res logits, 3N predicted IoUs)."""
-    pe = prompt_encoder.get_dense_pe()
+                points: torch.Tensor, chunk: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAM's multimask output for each positive point: (3N x 256 x 256 low-res logits, 3N predicted IoUs), on the
+    install's ONNX export for a CPU (3x faster), else PyTorch."""
+    run = _point_decoders.get(mask_decoder)
+    if run is None or features.device.type != "cpu":
+        run = point_decoder.PointDecoder(prompt_encoder, mask_decoder).to(features.device)
     logits, ious = [], []
     with torch.no_grad():
         for start in range(0, points.shape[0], chunk):
-            xy = points[start:start + chunk, None].float()
-            labels = torch.ones(xy.shape[:2], dtype=torch.int, device=xy.device)
-            sparse, dense = prompt_encoder(points=(xy, labels), boxes=None, masks=None)
-            low_res, iou = mask_decoder(image_embeddings=features, image_pe=pe, sparse_prompt_embeddings=sparse,
-                                        dense_prompt_embeddings=dense, multimask_output=True)
-            logits.append(low_res.flatten(0, 1))
-            ious.append(iou.flatten())
+            sparse = point_decoder.positive_points(prompt_encoder, points[start:start + chunk])
+            low_res, iou = run(features, sparse)
+            logits.append(low_res.to(features.device).flatten(0, 1))
+            ious.append(iou.to(features.device).flatten())
     return torch.cat(logits), torch.cat(ious)
 
