@@ -196,7 +196,7 @@ def _users(args) -> None:
 
 
 def _export_onnx(args) -> None:
-    from appliance.models.sam import point_decoder
+    from appliance.models.sam import prompt_decoder
     from appliance.models.sam.engine import SamEngine
     from appliance.models.sam.onnx_encoder import INSTALLED_DIR, cache_path, export
 
@@ -204,8 +204,8 @@ def _export_onnx(args) -> None:
     folder = Path(args.output) if args.output else INSTALLED_DIR
     path = cache_path(folder, engine.checkpoint, engine.model_type)
     print(path if path.is_file() else export(engine.model.image_encoder, engine.image_size, path))
-    path = cache_path(folder, engine.checkpoint, engine.model_type, point_decoder.PART)
-    print(path if path.is_file() else point_decoder.export(engine.model, path))
+    path = cache_path(folder, engine.checkpoint, engine.model_type, prompt_decoder.PART)
+    print(path if path.is_file() else prompt_decoder.export(engine.model, path))
 
 
 def _export(args) -> None:
@@ -308,7 +308,7 @@ def parser() -> argparse.ArgumentParser:
     bt = sub.add_parser("build-template", help="migrate an empty Label Studio database (install time)")
     bt.add_argument("--output", required=True)
     bt.set_defaults(func=_build_template)
-    ox = sub.add_parser("export-onnx", help="export the bundled SAM encoder and point decoder to ONNX (install time)")
+    ox = sub.add_parser("export-onnx", help="export the bundled SAM encoder and prompt decoder to ONNX (install time)")
     ox.add_argument("--output", help="folder (default: inside this Python environment, where the SAM backend looks)")
     ox.set_defaults(func=_export_onnx)
     sub.add_parser("config", help="print the environment variables as a Markdown table").set_defaults(func=_config)

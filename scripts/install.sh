@@ -29,7 +29,7 @@ if [ "$editable" = "--editable" ]; then target=(-e "$root[test]"); else target=(
 "$prefix/app/bin/pip" uninstall "${pip_quiet[@]}" -y opencv-python opencv-python-headless >/dev/null
 "$prefix/app/bin/pip" install "${pip_quiet[@]}" --no-deps -c "$root/requirements/app.lock" opencv-python-headless
 
-step "SAM image encoder and point decoder exported to ONNX (faster on a CPU; once per release)"
+step "SAM image encoder and prompt decoder exported to ONNX (faster on a CPU; once per release)"
 "$prefix/app/bin/appliance" export-onnx >/dev/null
 
 template="$prefix/studio-template.sqlite3"

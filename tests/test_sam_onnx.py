@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from pycocotools.coco import COCO
 
-from appliance.models.sam import onnx_encoder, point_decoder
+from appliance.models.sam import onnx_encoder, prompt_decoder
 from appliance.models.sam.engine import SamEngine
 from appliance.models.sam.onnx_encoder import cache_path
 
@@ -180,35 +180,43 @@ def test_the_install_exports_the_bundled_encoder(tmp_path, monkeypatch):
     assert not (tmp_path / "cache").exists(), "nothing exported on the data volume"
 
 
+def box_of(mask: np.ndarray) -> list[float]:
+    ys, xs = np.nonzero(mask)
+    return [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
+
+
 @pytest.mark.parametrize("dataset", ["nuclei", "coco-ccby"])
-def test_point_decoder_on_onnx_runtime_gives_sams_own_candidates(torch_engine, tmp_path, dataset):
-    # sam-prompt decodes tens of single points per image (training and serving) through point_decoder: its export
-    # on ONNX Runtime must give SAM's own mask decoder's three candidates per point.
+@pytest.mark.parametrize("prompt", ["point", "box"])
+def test_prompt_decoder_on_onnx_runtime_gives_sams_own_masks(torch_engine, tmp_path, dataset, prompt):
+    # sam-prompt decodes tens of points per image and sam-det one box per detection (training and serving) through
+    # prompt_decoder: its export on ONNX Runtime must give SAM's own mask decoder's masks.
     sam = torch_engine.model
-    exported = point_decoder.OnnxPointDecoder(point_decoder.export(sam, tmp_path / "points.onnx"), threads=2)
+    exported = prompt_decoder.OnnxPromptDecoder(prompt_decoder.export(sam, tmp_path / "prompts.onnx"), threads=2)
     pe, no_mask = sam.prompt_encoder.get_dense_pe(), sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
-    ious, compared = [], 0
+    ious = []
     for rgb, masks in real_objects(dataset):
         embedding = torch_engine.embed(rgb)
         scale = embedding.input_size[0] / embedding.original_size[0]
-        points = torch.tensor([interior_point(m) for m in masks]) * scale
+        if prompt == "point":
+            points = torch.tensor([interior_point(m) for m in masks]) * scale
+            sparse = prompt_decoder.point_prompts(sam.prompt_encoder, points)
+        else:
+            sparse = prompt_decoder.box_prompts(sam.prompt_encoder, torch.tensor([box_of(m) for m in masks]) * scale)
         with torch.no_grad():
-            sparse = point_decoder.positive_points(sam.prompt_encoder, points)
-            reference, reference_iou = sam.mask_decoder(
+            reference, reference_iou = sam.mask_decoder.predict_masks(
                 image_embeddings=embedding.features, image_pe=pe, sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=no_mask.expand(len(points), -1, *pe.shape[-2:]), multimask_output=True)
-        logits, predicted_iou = exported(embedding.features, sparse)
-        assert logits.shape == reference.shape == (len(points), 3, 256, 256)
+                dense_prompt_embeddings=no_mask.expand(len(masks), -1, *pe.shape[-2:]))
+        logits, predicted_iou = exported(embedding.features, sparse.detach())
+        assert logits.shape == reference.shape == (len(masks), 4, 256, 256)
         assert float((predicted_iou - reference_iou).abs().max()) < 1e-3
         for mine, theirs in zip(logits.flatten(0, 1) > 0, reference.flatten(0, 1) > 0):
             if theirs.sum() > 20:
-                compared += 1
                 ious.append(iou(mine.numpy(), theirs.numpy()))
-    assert compared >= 3 * IMAGES_PER_SET, "too few non-empty candidates to compare"
-    assert min(ious) >= 0.99, f"per-candidate IoU ONNX Runtime vs SAM's decoder: {sorted(ious)[:5]}"
+    assert len(ious) >= 3 * IMAGES_PER_SET, "too few non-empty masks to compare"
+    assert min(ious) >= 0.99, f"per-mask IoU ONNX Runtime vs SAM's decoder: {sorted(ious)[:5]}"
 
 
-def test_the_install_exports_the_point_decoder_and_sam_prompt_uses_it(monkeypatch):
+def test_the_install_exports_the_prompt_decoder_and_sam_det_uses_it(monkeypatch):
     from appliance.models.detection.samdet import sam_parts
 
     installed = Path(sys.prefix) / "share" / "appliance" / "onnx"
@@ -216,11 +224,16 @@ def test_the_install_exports_the_point_decoder_and_sam_prompt_uses_it(monkeypatc
     sam_parts._load.cache_clear()
     try:
         sam = sam_parts.load_sam()
-        decoder = sam_parts._point_decoders.get(sam.mask_decoder)
-        assert isinstance(decoder, point_decoder.OnnxPointDecoder) and decoder.path.parent == installed
-        features = torch.as_tensor(sam_parts.encode(sam, np.full((48, 64, 3), 128, np.uint8)))[None]
+        decoder = sam_parts._prompt_decoders.get(sam.mask_decoder)
+        assert isinstance(decoder, prompt_decoder.OnnxPromptDecoder) and decoder.path.parent == installed
+        rgb = np.zeros((48, 64, 3), np.uint8)
+        rgb[12:36, 16:48] = 255
+        features = torch.as_tensor(sam_parts.encode(sam, rgb))[None]
         logits, scores = sam_parts.point_masks(sam.prompt_encoder, sam.mask_decoder, features,
-                                               torch.tensor([[500.0, 380.0]] * 9))
+                                               torch.tensor([[512.0, 384.0]] * 9))
         assert logits.shape == (27, 256, 256) and scores.shape == (27,), "9 points in two chunks, 3 masks each"
+        masks = sam_parts.box_masks(sam.prompt_encoder, sam.mask_decoder, features,
+                                    torch.tensor([[256.0, 192.0, 768.0, 576.0]] * 9), (768, 1024), (48, 64))
+        assert masks.shape == (9, 48, 64) and masks[:, 24, 32].all() and not masks[:, 2, 2].any()
     finally:
         sam_parts._load.cache_clear()

@@ -101,7 +101,7 @@ def _installed(module: str) -> bool:
 
 def cache_path(cache_dir: Path, checkpoint: Path, model_type: str, part: str = "encoder") -> Path:
     """Where the export of ``checkpoint``'s ``part`` lives: one file per checkpoint content, model type, torch
-    release and part (the image encoder, or point_decoder.PART)."""
+    release and part (the image encoder, or prompt_decoder.PART)."""
     digest = file_sha256(checkpoint)[:16]
     return Path(cache_dir) / f"sam-{model_type}-{digest}-torch{torch.__version__.split('+')[0]}-{part}.onnx"
 

@@ -1,10 +1,11 @@
-"""SAM's mask decoder for many single-point prompts at once (sam-prompt's proposals, in training and serving), in
-PyTorch or exported to ONNX and run by ONNX Runtime: 32 points on 2 CPU cores in ~1.5 s where SAM's own decoder
-call takes ~4.5 s (OpenVINO ~1.8 s).
+"""SAM's mask decoder for many prompts of one image at once, each a single point (sam-prompt's proposals) or a box
+(sam-det's masks), in PyTorch or exported to ONNX and run by ONNX Runtime: 32 points on 2 CPU cores in ~2 s where
+SAM's own decoder call takes ~4.5 s.
 
-``PointDecoder`` is SAM's ``MaskDecoder.predict_masks`` with the image's embedding broadcast to the prompts instead
+``PromptDecoder`` is SAM's ``MaskDecoder.predict_masks`` with the image's embedding broadcast to the prompts instead
 of copied per prompt, and the prompt encoder's "no mask" embedding folded in: the same masks (tests/test_sam_onnx.py),
-and a graph the ONNX exporter traces with the number of points left free.
+and a graph the ONNX exporter traces with the number of prompts left free. A point's prompt (the point and SAM's
+padding point) and a box's (two corners) are both two tokens, so one export serves both.
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ from . import onnx_encoder
 
 log = logging.getLogger("sam.onnx")
 
-PART = "points-decoder"
+PART = "prompt-decoder"
 
 
-class PointDecoder(nn.Module):
-    """Image embedding (1 x 256 x 64 x 64) and N sparse prompt embeddings (N x T x 256) in; SAM's three candidate
-    masks per prompt (N x 3 x 256 x 256 low-res logits) and their predicted IoUs (N x 3) out."""
+class PromptDecoder(nn.Module):
+    """Image embedding (1 x 256 x 64 x 64) and N sparse prompt embeddings (N x 2 x 256) in; SAM's four masks per
+    prompt (N x 4 x 256 x 256 low-res logits: the single-mask output, then the multimask output's whole, part and
+    sub-part) and their predicted IoUs (N x 4) out."""
 
     def __init__(self, prompt_encoder: nn.Module, mask_decoder: nn.Module) -> None:
         super().__init__()
@@ -47,10 +49,10 @@ class PointDecoder(nn.Module):
         size = upscaled.shape[-2:]
         masks = (hyper @ upscaled.flatten(2)).reshape(n, -1, *size)
         iou = decoder.iou_prediction_head(hs[:, 0, :])
-        return masks[:, 1:], iou[:, 1:]  # SAM's multimask output: the whole, part and sub-part candidates
+        return masks, iou
 
 
-def positive_points(prompt_encoder: nn.Module, points: torch.Tensor) -> torch.Tensor:
+def point_prompts(prompt_encoder: nn.Module, points: torch.Tensor) -> torch.Tensor:
     """The sparse prompt embeddings (N x 2 x 256) of N single positive points (x, y in the encoder's input frame)."""
     xy = points[:, None].float()
     labels = torch.ones(xy.shape[:2], dtype=torch.int, device=xy.device)
@@ -58,8 +60,14 @@ def positive_points(prompt_encoder: nn.Module, points: torch.Tensor) -> torch.Te
     return sparse
 
 
-class OnnxPointDecoder:
-    """The exported ``PointDecoder`` on ONNX Runtime (faster than OpenVINO for this graph on the CPUs measured)."""
+def box_prompts(prompt_encoder: nn.Module, boxes: torch.Tensor) -> torch.Tensor:
+    """The sparse prompt embeddings (N x 2 x 256) of N boxes (x0, y0, x1, y1 in the encoder's input frame)."""
+    sparse, _ = prompt_encoder(points=None, boxes=boxes.float(), masks=None)
+    return sparse
+
+
+class OnnxPromptDecoder:
+    """The exported ``PromptDecoder`` on ONNX Runtime (faster than OpenVINO for this graph on the CPUs measured)."""
 
     def __init__(self, path: Path, threads: int = 1) -> None:
         import onnxruntime as ort
@@ -83,23 +91,23 @@ def _array(tensor: torch.Tensor) -> np.ndarray:
 
 
 def export(sam: nn.Module, path: Path) -> Path:
-    """Export ``sam``'s ``PointDecoder`` to ``path`` (atomically), the number of points left free."""
+    """Export ``sam``'s ``PromptDecoder`` to ``path`` (atomically), the number of prompts left free."""
     channels, height, width = (int(v) for v in sam.prompt_encoder.get_dense_pe().shape[1:])
     example = (torch.zeros(1, channels, height, width), torch.zeros(2, 2, channels))
-    decoder = PointDecoder(sam.prompt_encoder, sam.mask_decoder).eval()
-    free = {"sparse": {0: "points"}, "logits": {0: "points"}, "iou": {0: "points"}}
+    decoder = PromptDecoder(sam.prompt_encoder, sam.mask_decoder).eval()
+    free = {"sparse": {0: "prompts"}, "logits": {0: "prompts"}, "iou": {0: "prompts"}}
     return onnx_encoder.export_module(decoder, example, path, input_names=["features", "sparse"],
                                       output_names=["logits", "iou"], dynamic_axes=free)
 
 
-def installed(checkpoint: Path, model_type: str, threads: int = 1) -> OnnxPointDecoder | None:
+def installed(checkpoint: Path, model_type: str, threads: int = 1) -> OnnxPromptDecoder | None:
     """The install's export for this checkpoint on ONNX Runtime; None where there is none or it cannot load
-    (PyTorch's ``PointDecoder`` gives the same masks)."""
+    (PyTorch's ``PromptDecoder`` gives the same masks)."""
     path = onnx_encoder.cache_path(onnx_encoder.INSTALLED_DIR, checkpoint, model_type, PART)
     if not path.is_file():
         return None
     try:
-        return OnnxPointDecoder(path, threads)
+        return OnnxPromptDecoder(path, threads)
     except Exception as error:
-        log.warning("SAM point decoder stays on PyTorch: %s", str(error).splitlines()[0] if str(error) else error)
+        log.warning("SAM prompt decoder stays on PyTorch: %s", str(error).splitlines()[0] if str(error) else error)
         return None
