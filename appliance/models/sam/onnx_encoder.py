@@ -38,23 +38,28 @@ class OnnxEncoder:
     name = "onnxruntime"
 
     def __init__(self, path: Path, threads: int = 1) -> None:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = max(1, threads)
-        options.inter_op_num_threads = 1
-        # Busy-waiting threads starve the other processes sharing a small CPU (as OMP_WAIT_POLICY=PASSIVE for torch).
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        # ORT's arena keeps the encoder's largest activations (~300 MB) for good; without it an idle backend gives
-        # them back, at no measurable cost per encode.
-        options.enable_cpu_mem_arena = False
         self.path = path
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.session = ort_session(path, threads)
         self.input_name = self.session.get_inputs()[0].name
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         array = np.ascontiguousarray(pixels.detach().cpu().numpy(), dtype=np.float32)
         return torch.from_numpy(self.session.run(None, {self.input_name: array})[0])
+
+
+def ort_session(path: Path, threads: int = 1):
+    """An ONNX Runtime CPU session on ``threads`` threads that shares a small CPU well."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = max(1, threads)
+    options.inter_op_num_threads = 1
+    # Busy-waiting threads starve the other processes sharing a small CPU (as OMP_WAIT_POLICY=PASSIVE for torch).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # ORT's arena keeps a model's largest activations (the encoder's ~300 MB) for good; without it an idle backend
+    # gives them back, at no measurable cost per encode.
+    options.enable_cpu_mem_arena = False
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 class OpenVinoEncoder:

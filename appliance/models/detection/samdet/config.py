@@ -34,7 +34,7 @@ def model(num_classes: int, sam_model_type: str = "vit_t", sam_checkpoint: str |
         train_cfg=dict(assigner=dict(type="DynamicSoftLabelAssigner", topk=13), allowed_border=-1, pos_weight=-1,
                        debug=False),
         # mask_score_thr: boxes scoring less than it (or than the threshold asked, when higher) get no SAM decoder
-        # pass (~0.1-0.2 s each on a CPU core) and are dropped (see SamDetector.predict). The held-out scoring
+        # pass (~0.06 s each on 2 CPU cores) and are dropped (see SamDetector.predict). The held-out scoring
         # asks at holdout.EVAL_THRESHOLD (0.1), so the trainer can choose a threshold down to it; serving asks at
         # the version's thresholds, so only what is shown is decoded.
         test_cfg=dict(nms_pre=2000, min_bbox_size=0, score_thr=0.05, nms=dict(type="nms", iou_threshold=0.6),
@@ -49,14 +49,14 @@ def prompted_model(num_classes: int, sam_model_type: str = "vit_t", sam_checkpoi
         type="SamPromptDetector", num_classes=num_classes,
         data_preprocessor=dict(type="SamEmbeddingPreprocessor"),
         backbone=dict(type="SamImageEncoder", **sam), sam=sam, hidden=64, train_grid=5,
-        # peaks: SAM decoder passes per image (~0.1 s each on a CPU core, three candidate masks each).
+        # peaks: SAM decoder passes per image (~0.06 s each on 2 CPU cores, three candidate masks each).
         test_cfg=dict(peaks=32, peak_thr=0.1, score_thr=0.05, nms_iou=0.5, max_per_img=100),
     )
 
 
 def peaks_for(annotations: Path) -> int:
     """sam-prompt's prompts per image: twice the objects of a busy training image (its 90th percentile), 24 to 128
-    (each costs a SAM decoder pass, ~0.1 s on a CPU core)."""
+    (each costs a SAM decoder pass, ~0.06 s on 2 CPU cores)."""
     import numpy as np
 
     from appliance.models.detection.dataset_stats import objects_per_image
