@@ -48,7 +48,7 @@ def prompted_model(num_classes: int, sam_model_type: str = "vit_t", sam_checkpoi
     return dict(
         type="SamPromptDetector", num_classes=num_classes,
         data_preprocessor=dict(type="SamEmbeddingPreprocessor"),
-        backbone=dict(type="SamImageEncoder", **sam), sam=sam, hidden=64, train_grid=5,
+        backbone=dict(type="SamImageEncoder", **sam), sam=sam, hidden=64, train_grid=4,
         # peaks: SAM decoder passes per image (~0.06 s each on 2 CPU cores, three candidate masks each).
         test_cfg=dict(peaks=32, peak_thr=0.1, score_thr=0.05, nms_iou=0.5, max_per_img=100),
     )
