@@ -149,13 +149,13 @@ class SamPromptDetector(BaseDetector):
         return torch.cat([pooled, extra, heat_in, heat_around], 1)
 
 
-
 def _cover(masks: torch.Tensor) -> dict:
     """Where each candidate mask lies on the embedding's 64x64 cells (its share of each), its area in cells and the
     ring of cells around it: the scorer's pooling weights, computed once per candidate."""
     cover = F.adaptive_avg_pool2d(masks.float()[:, None], GRID)[:, 0]
     around = (F.max_pool2d(cover[:, None], 9, 1, 4)[:, 0] - cover).clamp(min=0)
     return {"cover": cover, "area": cover.sum((1, 2)).clamp(min=1e-3), "around": around}
+
 
 class _Geometry:
     """Where the image lies in SAM's padded 1024 input, in the decoder's 256 and the embedding's 64 frames."""

@@ -11,8 +11,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from appliance.models.sam.engine import build_model, encoder_input
 from appliance.models.sam import prompt_decoder
+from appliance.models.sam.engine import build_model, encoder_input
 from appliance.models.sam.onnx_encoder import load_or_export
 from appliance.models.sam.weights import checkpoint_path
 
