@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from appliance.models.detection.cost import NO_PREDICTIONS, Photo, Predicted, Truth, choose_thresholds, photo_cost, \
-    saving, total
+    saving, total, unseen
 from appliance.trainer.policy import decide
 
 
@@ -148,3 +148,26 @@ def test_chosen_thresholds_cost_what_the_cheapest_of_every_threshold_costs():
             cheapest = min(total(photos, {**others, label: s}).actions for s in candidates)
             assert total(photos, {**others, label: threshold}).actions == cheapest
 
+
+
+def test_a_saving_only_the_photos_that_chose_the_threshold_see_is_not_sure():
+    # One photo's right cat scores just above another photo's wrong one: the threshold chosen on all photos falls
+    # between them, but one chosen without the first photo shows no cat, and one chosen without the second shows
+    # its wrong cat.
+    def photo(right: float | None, wrong: float | None) -> Photo:
+        shown = [Predicted("cat", right, A)] if right else [Predicted("cat", wrong, B)]
+        return Photo([Truth("cat", A, 5)], shown)
+    luck = [photo(0.9, None), photo(None, 0.88), photo(None, 0.86)]
+    assert total(luck, choose_thresholds(luck)).actions == total(luck).sam_only - 5  # "saves" where it chose
+    sure = unseen(luck)
+    assert sure["photos"] == 3 and sure["saved"] <= 0 and sure["lower"] <= 0
+    steady = [Photo(objects((5, 5, 5)), [Predicted("cat", 0.9, A), Predicted("cat", 0.8, B)]) for _ in range(3)]
+    sure = unseen(steady)
+    assert sure["saved"] == 3 * 10 and sure["lower"] == 30  # the same saving on every photo: sure
+
+
+def test_the_gate_refuses_a_saving_that_is_not_sure():
+    unsure = {**_metrics(20, 30), "unseen": {"photos": 4, "saved": 3, "lower": -2.5}}
+    refused = decide(unsure, None, False)
+    assert not refused.publish and "not sure yet" in refused.why and "saves 3 action(s) on 4 photo(s)" in refused.why
+    assert decide({**unsure, "unseen": {"photos": 4, "saved": 9, "lower": 4.1}}, None, False).publish

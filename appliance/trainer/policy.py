@@ -1,5 +1,6 @@
 """The publish decision: a version serves only if its pre-annotations save the annotator actions on the held-out
-tasks, against SAM clicks alone and against the serving version (models/detection/cost.py counts the actions)."""
+tasks, against SAM clicks alone and against the serving version (models/detection/cost.py counts the actions),
+and surely so: on photos its thresholds were not chosen on too (cost.unseen)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,11 @@ def decide(candidate: dict | None, current: dict | None, serving: bool) -> Decis
         return Decision(False, f"not published: it would cost more than it saves ({spent['actions']} actions "
                                f"where SAM clicks alone need {spent['sam_only']} on {spent['photos']} held-out "
                                f"photo(s)); annotate more")
+    sure = (candidate or {}).get("unseen")
+    if sure and sure["lower"] <= 0:
+        return Decision(False, f"not published: its saving is not sure yet (each held-out photo costed at the "
+                               f"thresholds chosen on the others, it saves {sure['saved']} action(s) on "
+                               f"{sure['photos']} photo(s), too few for their spread); annotate more")
     theirs = (current or {}).get("cost")
     if serving and theirs and theirs.get("photos") and not _cheaper(candidate, current):
         return Decision(False, f"not published: it saves no more than the serving model ({spent['actions']} "

@@ -87,10 +87,9 @@ def score(detector: Detector, held: HeldOut, label_of: LabelOf | None = None,
         photos.append(cost.Photo(truths, predicted, seeds=_seeds(truths, predicted, clicker)))
     if thresholds is None and default_threshold is None:
         thresholds = cost.choose_thresholds(photos, floor=EVAL_THRESHOLD)
-        costed = cost.total(photos, thresholds)
-    else:
-        costed = cost.total(photos)
-    return {**metrics, "thresholds": thresholds, "cost": costed.as_dict()}
+        return {**metrics, "thresholds": thresholds, "cost": cost.total(photos, thresholds).as_dict(),
+                "unseen": cost.unseen(photos, floor=EVAL_THRESHOLD)}
+    return {**metrics, "thresholds": thresholds, "cost": cost.total(photos).as_dict()}
 
 
 def _predicted(detections: list[Detection], label_of: LabelOf | None) -> list[cost.Predicted]:
