@@ -42,11 +42,7 @@ def costed_photos(work: Path, model: Path) -> list[cost.Photo]:
     store = EmbeddingStore(work / "embeddings", 1 << 40)
     held = holdout.load(work / "eval", holdout.sam_clicks(SamEngine(device="cpu"), store))
     detector = Detector(model, device="cpu", embedding_store=work / "embeddings")
-    photos = []
-    for image, key, truths, clicker in zip(held.images, held.keys, held.truths, held.clickers):
-        predicted = holdout._predicted(detector.predict(image, score_threshold=holdout.EVAL_THRESHOLD, key=key), None)
-        photos.append(cost.Photo(truths, predicted, seeds=holdout._seeds(truths, predicted, clicker)))
-    return photos
+    return holdout.costed(held, holdout.predictions(detector, held))
 
 
 def gates(held: list[cost.Photo]) -> dict[str, bool]:

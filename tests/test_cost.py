@@ -149,7 +149,6 @@ def test_chosen_thresholds_cost_what_the_cheapest_of_every_threshold_costs():
             assert total(photos, {**others, label: threshold}).actions == cheapest
 
 
-
 def test_a_saving_only_the_photos_that_chose_the_threshold_see_is_not_sure():
     # One photo's right cat scores just above another photo's wrong one: the threshold chosen on all photos falls
     # between them, but one chosen without the first photo shows no cat, and one chosen without the second shows

@@ -75,21 +75,32 @@ def score(detector: Detector, held: HeldOut, label_of: LabelOf | None = None,
     """COCO AP of ``detector`` on the held-out set, and its annotator cost: at ``thresholds`` (per model class,
     ``default_threshold`` for the others) when given (the serving model, as it serves), else at the thresholds
     that cost least (a candidate: they are stored with it and served)."""
-    found = [detector.predict(image, score_threshold=EVAL_THRESHOLD, key=key)
-             for image, key in zip(held.images, held.keys)]
+    found = predictions(detector, held)
     metrics = evaluate_detections(held.gt, dict(zip(held.ids, found)), label_of)
     if thresholds is not None or default_threshold is not None:
         found = [[d for d in dets if d.score >= (thresholds or {}).get(d.label, default_threshold or 0.0)]
                  for dets in found]
+        return {**metrics, "thresholds": thresholds, "cost": cost.total(costed(held, found, label_of)).as_dict()}
+    photos = costed(held, found, label_of)
+    thresholds = cost.choose_thresholds(photos, floor=EVAL_THRESHOLD)
+    return {**metrics, "thresholds": thresholds, "cost": cost.total(photos, thresholds).as_dict(),
+            "unseen": cost.unseen(photos, floor=EVAL_THRESHOLD)}
+
+
+def predictions(detector: Detector, held: HeldOut) -> list[list[Detection]]:
+    """The detector's predictions on every held-out photo, down to EVAL_THRESHOLD."""
+    return [detector.predict(image, score_threshold=EVAL_THRESHOLD, key=key)
+            for image, key in zip(held.images, held.keys)]
+
+
+def costed(held: HeldOut, found: list[list[Detection]], label_of: LabelOf | None = None) -> list[cost.Photo]:
+    """The held-out photos as cost.Photo: their objects with SAM's clicks, the predictions ``found`` on each, and
+    the clicks of the objects refined from the prediction under their first click."""
     photos = []
     for truths, dets, clicker in zip(held.truths, found, held.clickers):
         predicted = _predicted(dets, label_of)
         photos.append(cost.Photo(truths, predicted, seeds=_seeds(truths, predicted, clicker)))
-    if thresholds is None and default_threshold is None:
-        thresholds = cost.choose_thresholds(photos, floor=EVAL_THRESHOLD)
-        return {**metrics, "thresholds": thresholds, "cost": cost.total(photos, thresholds).as_dict(),
-                "unseen": cost.unseen(photos, floor=EVAL_THRESHOLD)}
-    return {**metrics, "thresholds": thresholds, "cost": cost.total(photos).as_dict()}
+    return photos
 
 
 def _predicted(detections: list[Detection], label_of: LabelOf | None) -> list[cost.Predicted]:
